@@ -1,0 +1,127 @@
+"""`pyharness patches check` and `pyharness cuda-check`: prove the series round-trips and builds patch by patch.
+
+The round trip applies patches/ in a scratch worktree and exports it again: not a byte may differ. The build check
+compiles the harness targets at every commit of the series in order (bisectability). The CUDA check compiles, without
+linking the backend, the CUDA sources the series touches, so a CUDA compile error shows up on a machine with no GPU.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pyharness import paths
+from pyharness.build import (
+    BASE_TARGETS,
+    checkout_tree,
+    cmake_flags,
+    configure,
+    feature_targets,
+    ninja,
+)
+from pyharness.errors import HarnessError
+from pyharness.patches import PATCHED_BRANCH, branch_tip, check_round_trip, require_vendored
+from pyharness.proc import git
+
+CUDA_DIR = "ggml/src/ggml-cuda"
+
+
+def available_targets(build_dir: Path) -> set[str]:
+    out = subprocess.run(["ninja", "-C", str(build_dir), "-t", "targets", "all"], capture_output=True, text=True)
+    return {line.split(":", 1)[0] for line in out.stdout.splitlines()}
+
+
+def check_series(*, build: bool = True, cuda: bool = False, root: Path | None = None) -> int:
+    """0 when the series round-trips (and builds at every patch); 1 with the problems listed otherwise."""
+    root = root or paths.project_root()
+    repo, tip, problems = check_round_trip(root)
+    for problem in problems:
+        print(f"patches check: {problem}", file=sys.stderr)
+    if problems:
+        print(
+            "patches check: FAILED (fix the patch files, or `pyharness patches export` from the branch)",
+            file=sys.stderr,
+        )
+        return 1
+    base = require_vendored(repo)
+    commits = git(repo, "rev-list", "--reverse", f"{base}..{tip}").split()
+    print(f"patches check: {len(commits)} patch(es) apply and export byte for byte", file=sys.stderr)
+    if build:
+        for index, commit in enumerate(commits, start=1):
+            subject = git(repo, "log", "-1", "--format=%s", commit)
+            print(f"patches check: building [{index}/{len(commits)}] {subject}", file=sys.stderr)
+            build_at(commit, "cpu", root)
+    if cuda and commits:
+        compile_cuda_touched(root=root, commit=tip)
+    print("patches check: OK", file=sys.stderr)
+    return 0
+
+
+def build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Path:
+    """Build the harness targets (those that exist at `commit`) in build/check-<backend>."""
+    tree = checkout_tree("check", commit, root, force=True)
+    build_dir = paths.build_root(root) / f"check-{backend}"
+    log = build_dir / "build.log"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"# pyharness patches check at {commit}\n")
+    configure(tree, build_dir, cmake_flags(backend, cuda_arch, []), root, log)
+    present = available_targets(build_dir)
+    targets = [t for t in [*BASE_TARGETS, *feature_targets(root)] if t in present]
+    ninja(build_dir, targets, root, log, jobs=None)
+    return build_dir
+
+
+def cuda_sources_touched(repo: Path, base: str, tip: str, tree: Path) -> list[str]:
+    """The .cu files to compile: those the series changes, those including a changed .cuh, and ggml-cuda.cu."""
+    changed = git(repo, "diff", "--name-only", f"{base}..{tip}", "--", CUDA_DIR).split()
+    sources = {f for f in changed if f.endswith(".cu") and (tree / f).is_file()}
+    headers = [Path(f).name for f in changed if f.endswith(".cuh")]
+    if headers:
+        sources.add(f"{CUDA_DIR}/ggml-cuda.cu")
+        include = re.compile(r'#include\s+"(' + "|".join(map(re.escape, headers)) + r')"')
+        for cu in (tree / CUDA_DIR).glob("*.cu"):
+            if include.search(cu.read_text(errors="replace")):
+                sources.add(str(cu.relative_to(tree)))
+    if changed and not headers and f"{CUDA_DIR}/ggml-cuda.cu" not in sources:
+        sources.add(f"{CUDA_DIR}/ggml-cuda.cu")
+    return sorted(sources)
+
+
+def compile_cuda_touched(
+    *, cuda_arch: str = "90", jobs: int | None = None, root: Path | None = None, commit: str | None = None
+) -> list[str]:
+    """Compile the CUDA objects the series touches at `commit` (default: branch patched); returns them."""
+    root = root or paths.project_root()
+    repo = paths.vendor_dir(root)
+    base = require_vendored(repo)
+    tip = commit or branch_tip(repo, PATCHED_BRANCH)
+    if not tip:
+        raise HarnessError(f"vendor/llama.cpp has no branch {PATCHED_BRANCH}", "run `pyharness patches apply` first")
+    tree = checkout_tree("check", tip, root, force=True)
+    sources = cuda_sources_touched(repo, base, tip, tree)
+    if not sources:
+        print("cuda-check: the series touches no CUDA source", file=sys.stderr)
+        return []
+    build_dir = paths.build_root(root) / "check-cuda"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log = build_dir / "build.log"
+    log.write_text(f"# pyharness cuda-check at {tip}\n")
+    configure(tree, build_dir, cmake_flags("cuda", cuda_arch, []), root, log)
+    present = available_targets(build_dir)
+    objects = []
+    for source in sources:
+        relative = Path(source).relative_to(CUDA_DIR)
+        wanted = f"{CUDA_DIR}/CMakeFiles/ggml-cuda.dir/{relative}.o"
+        if wanted not in present:
+            raise HarnessError(f"no object target for {source} in {build_dir}", f"see {log}")
+        objects.append(wanted)
+    print(
+        f"cuda-check: compiling {len(objects)} CUDA source(s) for sm_{cuda_arch}: "
+        + ", ".join(Path(s).name for s in sources),
+        file=sys.stderr,
+    )
+    ninja(build_dir, objects, root, log, jobs)
+    print("cuda-check: OK", file=sys.stderr)
+    return sources

