@@ -154,6 +154,21 @@ def checkout_tree(variant: str, commit: str, root: Path, force: bool) -> Path:
     return tree
 
 
+def link_source(build_dir: Path, tree: Path) -> Path:
+    """build_dir/source-tree -> the variant's tree. Configuring through this link makes every build's paths the same
+    relative to its build folder, so ccache (base dir: the project) serves one variant's objects to another."""
+    link = build_dir / "source-tree"
+    target = os.path.relpath(tree, build_dir)
+    if link.is_symlink() and os.readlink(link) == target:
+        return link
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        raise HarnessError(f"{link} is a folder, not the link pyharness makes", f"remove {link}")
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 def cmake_flags(backend: str, cuda_arch: str, extra: list[str]) -> list[str]:
     flags = list(COMMON_FLAGS)
     if shutil.which("ccache"):
@@ -176,6 +191,11 @@ def configure(source: Path, build_dir: Path, flags: list[str], root: Path, log: 
     if (build_dir / "CMakeCache.txt").is_file() and stamp.is_file() and stamp.read_text() == wanted:
         return
     build_dir.mkdir(parents=True, exist_ok=True)
+    cache = build_dir / "CMakeCache.txt"
+    if cache.is_file() and f"CMAKE_HOME_DIRECTORY:INTERNAL={source}\n" not in cache.read_text(errors="replace"):
+        # Configured from another source path: CMake refuses to reuse that cache.
+        cache.unlink()
+        shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
     print(f"configuring {build_dir.name} ...", file=sys.stderr)
     with log.open("a") as out:
         proc = subprocess.run(
@@ -205,7 +225,9 @@ def ninja(build_dir: Path, targets: list[str], root: Path, log: Path, jobs: int 
             match = progress.match(line)
             if match and sys.stderr.isatty():
                 print(f"\r  {build_dir.name}: {match.group(1)}/{match.group(2)}", end="", file=sys.stderr)
-            elif match and int(match.group(1)) % 25 == 0:
+            elif (
+                match and (int(match.group(1)) % 25 == 0 or match.group(1) == match.group(2)) and match.group(1) != "0"
+            ):
                 print(f"  {build_dir.name}: {match.group(1)}/{match.group(2)}", file=sys.stderr)
         code = proc.wait()
     if sys.stderr.isatty():
@@ -255,7 +277,7 @@ def build(
     log.write_text(f"# pyharness build {variant}-{backend} at {commit}\n")
     flags = cmake_flags(backend, cuda_arch, extra_flags or [])
     targets = list(BASE_TARGETS) + (feature_targets(root) if variant == "patched" else [])
-    configure(tree, build_dir, flags, root, log)
+    configure(link_source(build_dir, tree), build_dir, flags, root, log)
     ninja(build_dir, targets, root, log, jobs)
     info = BuildInfo(
         variant=variant,

@@ -19,6 +19,7 @@ from pyharness.build import (
     cmake_flags,
     configure,
     feature_targets,
+    link_source,
     ninja,
 )
 from pyharness.errors import HarnessError
@@ -66,7 +67,7 @@ def build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Pa
     log = build_dir / "build.log"
     build_dir.mkdir(parents=True, exist_ok=True)
     log.write_text(f"# pyharness patches check at {commit}\n")
-    configure(tree, build_dir, cmake_flags(backend, cuda_arch, []), root, log)
+    configure(link_source(build_dir, tree), build_dir, cmake_flags(backend, cuda_arch, []), root, log)
     present = available_targets(build_dir)
     targets = [t for t in [*BASE_TARGETS, *feature_targets(root)] if t in present]
     ninja(build_dir, targets, root, log, jobs=None)
@@ -108,7 +109,7 @@ def compile_cuda_touched(
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build.log"
     log.write_text(f"# pyharness cuda-check at {tip}\n")
-    configure(tree, build_dir, cmake_flags("cuda", cuda_arch, []), root, log)
+    configure(link_source(build_dir, tree), build_dir, cmake_flags("cuda", cuda_arch, []), root, log)
     present = available_targets(build_dir)
     objects = []
     for source in sources:

@@ -19,7 +19,20 @@ Handler = Callable[[argparse.Namespace], int]
 def cmd_vendor(args: argparse.Namespace) -> int:
     from pyharness.vendor import vendor
 
-    vendor(from_path=Path(args.from_path) if args.from_path else None, force=args.force)
+    if args.from_path and args.from_archive:
+        raise HarnessError("--from and --from-archive exclude each other", "pass one source")
+    vendor(
+        from_path=Path(args.from_path) if args.from_path else None,
+        archive=Path(args.from_archive) if args.from_archive else None,
+        force=args.force,
+    )
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from pyharness.vendor import pack_upstream
+
+    print(pack_upstream(Path(args.out)))
     return 0
 
 
@@ -102,8 +115,13 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("vendor", help="fetch the pinned upstream into vendor/llama.cpp")
     p.add_argument("--from", dest="from_path", metavar="PATH", help="a local llama.cpp clone at the pinned commit")
+    p.add_argument("--from-archive", metavar="TAR", help="an archive made by `pyharness pack` (offline machines)")
     p.add_argument("--force", action="store_true", help="replace an existing vendored tree, discarding its changes")
     p.set_defaults(func=cmd_vendor)
+
+    p = sub.add_parser("pack", help="archive the pinned tree (no models/docs/other backends) for offline machines")
+    p.add_argument("--out", default=".carry/upstream-src.tar.gz")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("patches", help="the patch series: list, apply, export, check")
     p.add_argument("action", choices=["list", "apply", "export", "check"])

@@ -101,7 +101,8 @@ def slug(subject: str) -> str:
 
 
 def require_vendored(repo: Path) -> str:
-    pin = load_pin()
+    """The base commit of the vendored repo (vendor/llama.cpp of its project), or an error saying what to run."""
+    pin = load_pin(repo.parent.parent)
     state = vendored_state(repo, pin)
     if state != "ok":
         raise HarnessError(

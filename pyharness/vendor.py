@@ -21,6 +21,31 @@ from pyharness.errors import HarnessError
 from pyharness.proc import git, run, sha256_file
 
 UPSTREAM_BRANCH = "upstream"
+# Never read by a build of the harness targets (CPU, CUDA): left out of `pyharness pack` archives.
+PACK_EXCLUDES = (
+    "models",
+    "docs",
+    "media",
+    "examples",
+    "app",
+    "benches",
+    "gguf-py/tests",
+    "tools/ui",
+    "tools/server/public",
+    "ggml/src/ggml-vulkan",
+    "ggml/src/ggml-sycl",
+    "ggml/src/ggml-metal",
+    "ggml/src/ggml-opencl",
+    "ggml/src/ggml-cann",
+    "ggml/src/ggml-hexagon",
+    "ggml/src/ggml-webgpu",
+    "ggml/src/ggml-openvino",
+    "ggml/src/ggml-et",
+    "ggml/src/ggml-virtgpu",
+    "ggml/src/ggml-zdnn",
+    "ggml/src/ggml-musa",
+    "ggml/src/ggml-zendnn",
+)
 CLEAN_GIT_CONFIG = """[core]
 \trepositoryformatversion = 0
 \tfilemode = true
@@ -151,11 +176,50 @@ def unpack_sdist(sdist: Path, pin: Pin, dest: Path) -> None:
         git(tree, "reset", "--quiet")
     else:
         # No git data in the sdist: make the pinned tree a commit of our own and say so.
-        git(tree, "init", "--quiet")
-        git(tree, "add", "--all")
-        git(tree, "commit", "--quiet", "-m", f"llama.cpp {pin.commit} from {pin.file}")
-        synthetic_marker(tree).write_text(pin.commit + "\n")
+        commit_as_synthetic(tree, pin)
     tree.rename(dest / "llama.cpp")
+
+
+def commit_as_synthetic(tree: Path, pin: Pin) -> None:
+    """Make `tree` a git repository with one commit (fixed dates, so always the same hash) standing for the pin."""
+    fixed = {"GIT_AUTHOR_DATE": "2000-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00Z"}
+    git(tree, "init", "--quiet")
+    git(tree, "add", "--all", "--force")
+    git(tree, "commit", "--quiet", "-m", f"llama.cpp {pin.commit} (tree only)", env=fixed)
+    synthetic_marker(tree).write_text(pin.commit + "\n")
+
+
+def pack_upstream(out: Path, root: Path | None = None) -> Path:
+    """A tar.gz of the pinned tree without what builds never read (models, docs, other backends), for machines
+    with no registry access; `pyharness vendor --from-archive` turns it back into a vendored repository."""
+    root = root or paths.project_root()
+    repo = paths.vendor_dir(root)
+    pin = load_pin(root)
+    if vendored_state(repo, pin) != "ok":
+        raise HarnessError("vendor/llama.cpp is not at the pin", "run `pyharness vendor` first")
+    excluded = [f":(exclude){p}" for p in PACK_EXCLUDES]
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    run(
+        ["git", "-C", str(repo), "archive", "--format=tar.gz", "-o", str(tmp), UPSTREAM_BRANCH, "--", ".", *excluded],
+        what="git archive",
+    )
+    tmp.replace(out)
+    return out
+
+
+def unpack_archive(archive: Path, pin: Pin, dest: Path) -> None:
+    """A `pack_upstream` archive into dest/llama.cpp; git archive records the commit in the tar's pax header."""
+    with tarfile.open(archive) as tar:
+        recorded = tar.pax_headers.get("comment", "")
+        if recorded != pin.commit:
+            raise HarnessError(
+                f"{archive} holds commit {recorded[:7] or 'unknown'}, not the pinned {pin.short}",
+                "make it with `pyharness pack` from a vendored tree at the pin",
+            )
+        tar.extractall(dest / "llama.cpp", filter="data")
+    commit_as_synthetic(dest / "llama.cpp", pin)
 
 
 def prepare_from_clone(source: Path, pin: Pin, dest: Path) -> None:
@@ -170,7 +234,9 @@ def prepare_from_clone(source: Path, pin: Pin, dest: Path) -> None:
     git(dest / "llama.cpp", "checkout", "--quiet", "--detach", pin.commit)
 
 
-def vendor(*, from_path: Path | None = None, force: bool = False, root: Path | None = None) -> Path:
+def vendor(
+    *, from_path: Path | None = None, archive: Path | None = None, force: bool = False, root: Path | None = None
+) -> Path:
     """Make vendor/llama.cpp the pinned upstream; a no-op when it already is."""
     root = root or paths.project_root()
     pin = load_pin(root)
@@ -184,12 +250,14 @@ def vendor(*, from_path: Path | None = None, force: bool = False, root: Path | N
     if state == "ok" and is_dirty(repo):
         print("--force: discarding uncommitted changes in vendor/llama.cpp", file=sys.stderr)
     source = from_path.resolve() if from_path else None
-    sdist = None if source else fetch_sdist(pin)
+    sdist = None if source or archive else fetch_sdist(pin)
     repo.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=repo.parent, prefix=".vendor-") as tmp:
         staging = Path(tmp)
         if source:
             prepare_from_clone(source, pin, staging)
+        elif archive:
+            unpack_archive(archive, pin, staging)
         else:
             assert sdist is not None
             print(f"unpacking {sdist.name} ...", file=sys.stderr)

@@ -86,3 +86,35 @@ def test_vendor_from_the_sdist_in_the_cache(tmp_path: Path, monkeypatch: pytest.
     assert git(repo, "rev-parse", "HEAD") == PINNED
     assert git(repo, "status", "--porcelain") == ""
     assert "includeIf" not in (repo / ".git" / "config").read_text()
+
+
+def test_pack_and_vendor_from_archive(tmp_path: Path) -> None:
+    """Offline machines: the packed pinned tree becomes a vendored repo the series applies to."""
+    archive = vendor_mod.pack_upstream(tmp_path / "src.tar.gz", root=ROOT)
+    root = tmp_path / "offline"
+    (root / "vendor").mkdir(parents=True)
+    shutil.copy(ROOT / "vendor" / "pin.toml", root / "vendor" / "pin.toml")
+    shutil.copytree(ROOT / "patches", root / "patches")
+    repo = vendor(archive=archive, root=root)
+    pin = load_pin(root)
+    assert vendored_state(repo, pin) == "ok"
+    assert (repo / ".git" / "pyharness-synthetic-commit").read_text().strip() == PINNED
+    assert not (repo / "models").exists() and (repo / "ggml" / "src" / "ggml-cuda").is_dir()
+    from pyharness.patches import apply
+
+    apply(root=root)
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_archive_of_another_commit_is_refused(tmp_path: Path) -> None:
+    import tarfile
+
+    bogus = tmp_path / "bogus.tar.gz"
+    with tarfile.open(bogus, "w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": "f" * 40}):
+        pass
+    root = tmp_path / "offline"
+    (root / "vendor").mkdir(parents=True)
+    shutil.copy(ROOT / "vendor" / "pin.toml", root / "vendor" / "pin.toml")
+    with pytest.raises(HarnessError, match="not the pinned"):
+        vendor(archive=bogus, root=root)
+    assert not (root / "vendor" / "llama.cpp").exists()

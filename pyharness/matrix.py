@@ -1,0 +1,748 @@
+"""`pyharness matrix FILE.toml`: a declarative evaluation matrix, expanded into runs and resumed by configuration hash.
+
+File format
+-----------
+::
+
+    [matrix]
+    name = "default"                    # stored with every run (runs.matrix); default: the file's stem
+    description = "..."
+    variants = ["upstream", "patched"]  # axes: every combination becomes cells
+    backends = ["cpu"]
+    models = ["smollm2-135m"]           # model names, .gguf paths, or synth:SHAPE[:FTYPE]
+    timeout = 900                       # seconds per run (optional)
+
+    [flags]                             # runtime flags: a list is an axis, a scalar is the same for every cell
+    kv = ["f16", "q8_0"]                # K and V cache type together (or cache_type_k / cache_type_v)
+    flash_attn = "on"                   # on | off | auto (true/false/1/0/-1 too)
+    threads = 2
+    # n_gpu_layers = 99, batch = 2048, ubatch = 512,
+    # extra = ["--flag"] (one argument list) or [[], ["--flag"]] (an axis of argument lists)
+
+    [[eval]]                            # evaluations: each is crossed with all of the above
+    kind = "ppl"                        # llama-perplexity
+    ctx = 128
+    chunks = 4
+    # text = "path/to/wiki.test.raw"    # default: --text / $PYHARNESS_TEXT / datasets
+    kld_base = { variant = "upstream", kv = "f16" }   # KL divergence against this base (omit for none)
+
+    [[eval]]
+    kind = "bench"                      # llama-bench -o jsonl
+    prompt = [32]
+    gen = [8]
+    depth = [0, 128]
+    repetitions = 2
+
+    [[eval]]
+    kind = "ops"                        # test-backend-ops --output sql (model-independent; run once per build)
+    mode = "perf"
+    ops = "FLASH_ATTN_EXT"
+    params = "hsk=64"
+
+    [[exclude]]                         # drop the cells matching every key given
+    variant = "upstream"
+    extra = ["--flag"]
+
+Anything else (an unknown key or table, an unknown variant or backend, a model that does not resolve, contradictory
+flags such as a quantized V cache with flash_attn = "off") fails before anything runs, naming the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyharness.build import BACKENDS, VARIANTS, BuildInfo
+from pyharness.errors import HarnessError
+from pyharness.runners import SYNTH_PREFIX, ModelRef, RunContext, canonical, check_synth, now_utc, resolve_model
+from pyharness.runners.bench import BenchParams, OpsParams, bench_config, run_backend_ops, run_bench
+from pyharness.runners.perplexity import (
+    KV_TYPES,
+    UNQUANTIZED_KV,
+    KldBase,
+    PplParams,
+    PplRequest,
+    normalize_fa,
+    ppl_config,
+    run_perplexity,
+)
+from pyharness.store import RunRecord, Store
+
+TOP_KEYS = {"matrix", "flags", "eval", "exclude"}
+MATRIX_KEYS = {"name", "description", "variants", "backends", "models", "timeout"}
+FLAG_KEYS = {"kv", "cache_type_k", "cache_type_v", "flash_attn", "threads", "n_gpu_layers", "batch", "ubatch", "extra"}
+EVAL_KEYS = {
+    "ppl": {"kind", "name", "ctx", "chunks", "text", "kld_base"},
+    "bench": {"kind", "name", "prompt", "gen", "depth", "repetitions"},
+    "ops": {"kind", "name", "mode", "ops", "params", "backend_name"},
+}
+KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
+EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------ line numbers
+
+
+class Locator:
+    """Line numbers of tables and keys in a TOML text (tomllib gives none): `[table]` / `[[array]]` headers, then
+    `key =` lines inside the n-th instance of a table."""
+
+    HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z_][A-Za-z0-9_.\-]*)\s*\]\]?\s*(#.*)?$")
+    KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.sections: list[tuple[str, int, int, int]] = []  # (table, instance, first line, last line)
+        counts: dict[str, int] = {}
+        current = ("", 0, 1)
+        lines = text.splitlines()
+        self.lines = lines
+        for number, line in enumerate(lines, 1):
+            match = self.HEADER.match(line)
+            if match:
+                self.sections.append((current[0], current[1], current[2], number - 1))
+                name = match.group(2).strip().strip("\"'")
+                instance = counts.get(name, 0)
+                counts[name] = instance + 1
+                current = (name, instance, number)
+        self.sections.append((current[0], current[1], current[2], len(lines)))
+
+    def table(self, name: str, instance: int = 0) -> int:
+        for table, inst, first, _ in self.sections:
+            if table == name and inst == instance:
+                return first
+        return 1
+
+    def key(self, table: str, key: str, instance: int = 0) -> int:
+        for name, inst, first, last in self.sections:
+            if name != table or inst != instance:
+                continue
+            for number in range(first, last + 1):
+                match = self.KEY.match(self.lines[number - 1])
+                if match and match.group(1).strip('"') == key:
+                    return number
+            return first
+        return 1
+
+
+class MatrixError(HarnessError):
+    pass
+
+
+@dataclass
+class Checker:
+    path: Path
+    loc: Locator
+
+    def fail(self, line: int, problem: str, fix: str = "") -> MatrixError:
+        return MatrixError(f"{self.path}:{line}: {problem}", fix)
+
+
+# ------------------------------------------------------------------------------------------------ the spec
+
+
+@dataclass
+class EvalSpec:
+    kind: str
+    index: int  # position among [[eval]] tables
+    name: str
+    values: dict[str, Any]
+
+
+@dataclass
+class Cell:
+    """One run of the matrix (before it has a build)."""
+
+    variant: str
+    backend: str
+    model: str
+    flags: dict[str, Any]
+    ev: EvalSpec
+
+    def label(self) -> str:
+        bits = [f"{self.variant}-{self.backend}"]
+        if self.ev.kind != "ops":
+            bits.append(self.model)
+        kt, vt = self.flags.get("cache_type_k"), self.flags.get("cache_type_v")
+        if self.ev.kind != "ops":
+            bits.append(f"kv={kt}" if kt == vt else f"k={kt},v={vt}")
+            bits.append(f"fa={self.flags.get('flash_attn')}")
+        if self.flags.get("extra"):
+            bits.append(" ".join(self.flags["extra"]))
+        bits.append(self.ev.name)
+        return " ".join(bits)
+
+    def key(self) -> dict[str, Any]:
+        return {"variant": self.variant, "backend": self.backend, "model": self.model, "flags": self.flags,
+                "eval": {"kind": self.ev.kind, **self.ev.values}}
+
+
+@dataclass
+class MatrixSpec:
+    path: Path
+    name: str
+    description: str
+    variants: list[str]
+    backends: list[str]
+    models: list[str]
+    timeout: float | None
+    flag_axes: dict[str, list[Any]]
+    evals: list[EvalSpec]
+    excludes: list[dict[str, Any]]
+    loc: Locator
+    model_lines: dict[str, int] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """Every combination, variants x backends x models x flag axes x evals, minus the excluded ones."""
+        axes = list(self.flag_axes)
+        out: list[Cell] = []
+        for ev in self.evals:
+            models = self.models if ev.kind != "ops" else self.models[:1]
+            flag_axes = axes if ev.kind != "ops" else [a for a in axes if a == "extra"]
+            for variant, backend, model in itertools.product(self.variants, self.backends, models):
+                for combo in itertools.product(*(self.flag_axes[a] for a in flag_axes)):
+                    flags = expand_flags(dict(zip(flag_axes, combo, strict=True)))
+                    cell = Cell(variant, backend, model, flags, ev)
+                    if not any(excluded(cell, ex) for ex in self.excludes):
+                        out.append(cell)
+        return out
+
+
+def expand_flags(raw: dict[str, Any]) -> dict[str, Any]:
+    flags = dict(raw)
+    if "kv" in flags:
+        kv = flags.pop("kv")
+        flags["cache_type_k"] = kv
+        flags["cache_type_v"] = kv
+    flags.setdefault("cache_type_k", "f16")
+    flags.setdefault("cache_type_v", "f16")
+    flags["flash_attn"] = normalize_fa(flags.get("flash_attn", "auto"))
+    flags["extra"] = list(flags.get("extra", []))
+    return flags
+
+
+def excluded(cell: Cell, ex: dict[str, Any]) -> bool:
+    for key, want in ex.items():
+        if key == "variant":
+            have: Any = cell.variant
+        elif key == "backend":
+            have = cell.backend
+        elif key == "model":
+            have = cell.model
+        elif key == "eval":
+            if want not in (cell.ev.kind, cell.ev.name):
+                return False
+            continue
+        elif key == "kv":
+            if not (cell.flags.get("cache_type_k") == want and cell.flags.get("cache_type_v") == want):
+                return False
+            continue
+        elif key == "flash_attn":
+            have, want = cell.flags.get("flash_attn"), normalize_fa(want)
+        else:
+            have = cell.flags.get(key)
+        if have != want:
+            return False
+    return True
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def load_matrix(path: Path | str) -> MatrixSpec:
+    """Parse and check a matrix file without running or fetching anything."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise HarnessError(f"cannot read matrix file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MatrixError(f"{path}: invalid TOML: {exc}") from exc
+    loc = Locator(text)
+    chk = Checker(path, loc)
+
+    for key in data:
+        if key not in TOP_KEYS:
+            raise chk.fail(loc.table(key) if loc.table(key) != 1 else loc.key("", key), f"unknown table or key '{key}'",
+                           f"known: {', '.join(sorted(TOP_KEYS))}")
+    if "matrix" not in data or not isinstance(data["matrix"], dict):
+        raise chk.fail(1, "no [matrix] table", "add [matrix] with variants, backends and models")
+    top = data["matrix"]
+    for key in top:
+        if key not in MATRIX_KEYS:
+            raise chk.fail(loc.key("matrix", key), f"unknown key '{key}' in [matrix]",
+                           f"known: {', '.join(sorted(MATRIX_KEYS))}")
+
+    def strings(table: str, key: str, allowed: Iterable[str] | None, what: str) -> list[str]:
+        value = top.get(key)
+        line = loc.key(table, key)
+        if value is None:
+            raise chk.fail(loc.table(table), f"[{table}] has no '{key}'")
+        values = _as_list(value)
+        if not values or not all(isinstance(v, str) for v in values):
+            raise chk.fail(line, f"'{key}' must be a non-empty list of strings")
+        if allowed is not None:
+            for v in values:
+                if v not in allowed:
+                    raise chk.fail(line, f"unknown {what} '{v}'", f"choose from: {', '.join(allowed)}")
+        return list(dict.fromkeys(values))
+
+    variants = strings("matrix", "variants", VARIANTS, "variant")
+    backends = strings("matrix", "backends", BACKENDS, "backend")
+    models = strings("matrix", "models", None, "model")
+    model_lines = {m: loc.key("matrix", "models") for m in models}
+    for m in models:
+        check_model_name(m, chk.fail, model_lines[m])
+    timeout = top.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise chk.fail(loc.key("matrix", "timeout"), "timeout must be a positive number of seconds")
+
+    flags_raw = data.get("flags", {})
+    if not isinstance(flags_raw, dict):
+        raise chk.fail(loc.key("", "flags"), "'flags' must be a table")
+    flag_axes = check_flags(flags_raw, chk, backends)
+
+    evals_raw = data.get("eval", [])
+    if not isinstance(evals_raw, list) or not evals_raw:
+        raise chk.fail(loc.table("matrix"), "no [[eval]] tables", "add at least one [[eval]] with kind = ppl or bench")
+    evals = [check_eval(i, ev, chk, flag_axes) for i, ev in enumerate(evals_raw)]
+    names = [e.name for e in evals]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise chk.fail(loc.table("eval", i), f"two evaluations are both named '{name}'", "give one a `name`")
+
+    excludes = []
+    excludes_raw = data.get("exclude", [])
+    if not isinstance(excludes_raw, list):
+        raise chk.fail(loc.table("exclude"), "'exclude' must be an array of tables: write [[exclude]]")
+    for i, ex in enumerate(excludes_raw):
+        for key in ex:
+            if key not in EXCLUDE_KEYS:
+                raise chk.fail(loc.key("exclude", key, i), f"unknown key '{key}' in [[exclude]]",
+                               f"known: {', '.join(sorted(EXCLUDE_KEYS))}")
+        if "variant" in ex and ex["variant"] not in VARIANTS:
+            raise chk.fail(loc.key("exclude", "variant", i), f"unknown variant '{ex['variant']}'")
+        if "backend" in ex and ex["backend"] not in BACKENDS:
+            raise chk.fail(loc.key("exclude", "backend", i), f"unknown backend '{ex['backend']}'")
+        excludes.append(ex)
+
+    spec = MatrixSpec(path=path, name=str(top.get("name") or path.stem), description=str(top.get("description", "")),
+                      variants=variants, backends=backends, models=models, timeout=timeout, flag_axes=flag_axes,
+                      evals=evals, excludes=excludes, loc=loc, model_lines=model_lines)
+    cells = spec.cells()
+    if not cells:
+        raise chk.fail(loc.table("exclude") if excludes else 1, "the matrix expands to no cells",
+                       "check [[exclude]] and the axes")
+    for cell in cells:
+        check_cell(cell, chk)
+    return spec
+
+
+def check_model_name(name: str, fail: Callable[..., MatrixError], line: int) -> None:
+    """Does the name resolve (without fetching or generating anything)?"""
+    try:
+        if name.startswith(SYNTH_PREFIX):
+            check_synth(name)
+        elif name.endswith(".gguf") or "/" in name:
+            if not Path(name).expanduser().is_file():
+                raise HarnessError(f"model file {name} does not exist")
+        else:
+            from pyharness.models import find_spec
+
+            find_spec(name)
+    except HarnessError as exc:
+        raise fail(line, f"model '{name}' does not resolve: {exc.problem}", exc.fix) from exc
+
+
+def check_flags(raw: dict[str, Any], chk: Checker, backends: list[str]) -> dict[str, list[Any]]:
+    loc = chk.loc
+    axes: dict[str, list[Any]] = {}
+    for key, value in raw.items():
+        line = loc.key("flags", key)
+        if key not in FLAG_KEYS:
+            raise chk.fail(line, f"unknown key '{key}' in [flags]", f"known: {', '.join(sorted(FLAG_KEYS))}")
+        if key == "extra":
+            if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+                values = value
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                values = [value]
+            else:
+                raise chk.fail(line, "'extra' must be a list of arguments or a list of argument lists")
+            for v in values:
+                if not all(isinstance(a, str) for a in v):
+                    raise chk.fail(line, "'extra' arguments must be strings")
+            axes[key] = [list(v) for v in values]
+            continue
+        values = _as_list(value)
+        if not values:
+            raise chk.fail(line, f"'{key}' is an empty list")
+        for v in values:
+            if key in ("kv", "cache_type_k", "cache_type_v"):
+                if v not in KV_TYPES:
+                    raise chk.fail(line, f"unknown KV cache type '{v}'", f"use one of: {', '.join(KV_TYPES)}")
+            elif key == "flash_attn":
+                try:
+                    normalize_fa(v)
+                except HarnessError as exc:
+                    raise chk.fail(line, exc.problem) from exc
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise chk.fail(line, f"'{key}' must be a non-negative integer (or a list of them), got {v!r}")
+        axes[key] = values
+    if "kv" in axes and ({"cache_type_k", "cache_type_v"} & set(axes)):
+        raise chk.fail(loc.key("flags", "kv"), "contradictory flags: 'kv' sets both cache types, and "
+                       "cache_type_k / cache_type_v set them again", "use either kv or cache_type_k/cache_type_v")
+    ngl = [v for v in axes.get("n_gpu_layers", []) if v > 0]
+    if ngl and backends == ["cpu"]:
+        raise chk.fail(loc.key("flags", "n_gpu_layers"), f"contradictory flags: n_gpu_layers = {ngl[0]} but the only "
+                       "backend is cpu", "drop n_gpu_layers or add backend cuda")
+    return axes
+
+
+def _int_list(value: Any, line: int, key: str, chk: Checker, minimum: int = 0) -> list[int]:
+    values = _as_list(value)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values):
+        raise chk.fail(line, f"'{key}' must be an integer >= {minimum} or a non-empty list of them")
+    return values
+
+
+def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]]) -> EvalSpec:
+    loc = chk.loc
+    header = loc.table("eval", index)
+    if not isinstance(ev, dict):
+        raise chk.fail(header, "each [[eval]] must be a table")
+    kind = ev.get("kind")
+    if kind not in EVAL_KEYS:
+        raise chk.fail(loc.key("eval", "kind", index), f"unknown eval kind {kind!r}",
+                       f"use one of: {', '.join(EVAL_KEYS)}")
+    for key in ev:
+        if key not in EVAL_KEYS[kind]:
+            raise chk.fail(loc.key("eval", key, index), f"unknown key '{key}' in a {kind} [[eval]]",
+                           f"known: {', '.join(sorted(EVAL_KEYS[kind]))}")
+    values: dict[str, Any] = {}
+    if kind == "ppl":
+        values["ctx"] = _int_list(ev.get("ctx", 512), loc.key("eval", "ctx", index), "ctx", chk, 16)[0]
+        values["chunks"] = _int_list(ev.get("chunks", 8), loc.key("eval", "chunks", index), "chunks", chk, 1)[0]
+        if "text" in ev:
+            if not isinstance(ev["text"], str) or not Path(ev["text"]).expanduser().is_file():
+                raise chk.fail(loc.key("eval", "text", index), f"text file {ev['text']!r} does not exist")
+            values["text"] = str(Path(ev["text"]).expanduser().resolve())
+        base = ev.get("kld_base")
+        if base not in (None, False):
+            values["kld_base"] = check_kld_base(base, loc.key("eval", "kld_base", index), chk)
+        name = ev.get("name") or f"ppl(c{values['ctx']}x{values['chunks']}" + (
+            f", kld vs {values['kld_base']['variant']} {values['kld_base']['cache_type_k']})"
+            if "kld_base" in values else ")")
+    elif kind == "bench":
+        values["prompt"] = _int_list(ev.get("prompt", [512]), loc.key("eval", "prompt", index), "prompt", chk)
+        values["gen"] = _int_list(ev.get("gen", [128]), loc.key("eval", "gen", index), "gen", chk)
+        values["depth"] = _int_list(ev.get("depth", [0]), loc.key("eval", "depth", index), "depth", chk)
+        values["repetitions"] = _int_list(ev.get("repetitions", 5), loc.key("eval", "repetitions", index),
+                                          "repetitions", chk, 1)[0]
+        if not any(values["prompt"]) and not any(values["gen"]):
+            raise chk.fail(header, "a bench needs a non-zero prompt or gen size")
+        name = ev.get("name") or "bench(p{} n{} d{} r{})".format(
+            ",".join(map(str, values["prompt"])), ",".join(map(str, values["gen"])),
+            ",".join(map(str, values["depth"])), values["repetitions"])
+    else:
+        mode = ev.get("mode", "perf")
+        if mode not in ("perf", "test"):
+            raise chk.fail(loc.key("eval", "mode", index), f"test-backend-ops mode {mode!r} is not perf or test")
+        values = {"mode": mode, "ops": str(ev.get("ops", "")), "params": str(ev.get("params", "")),
+                  "backend_name": str(ev.get("backend_name", ""))}
+        name = ev.get("name") or f"ops({mode} {values['ops'] or 'all'})"
+    if not isinstance(name, str):
+        raise chk.fail(loc.key("eval", "name", index), "'name' must be a string")
+    return EvalSpec(kind=kind, index=index, name=name, values=values)
+
+
+def check_kld_base(base: Any, line: int, chk: Checker) -> dict[str, Any]:
+    if not isinstance(base, dict):
+        raise chk.fail(line, "kld_base must be a table, e.g. { variant = \"upstream\", kv = \"f16\" }")
+    for key in base:
+        if key not in KLD_BASE_KEYS:
+            raise chk.fail(line, f"unknown key '{key}' in kld_base", f"known: {', '.join(sorted(KLD_BASE_KEYS))}")
+    variant = base.get("variant", "upstream")
+    if variant not in VARIANTS:
+        raise chk.fail(line, f"unknown variant '{variant}' in kld_base", f"choose from: {', '.join(VARIANTS)}")
+    backend = base.get("backend")
+    if backend is not None and backend not in BACKENDS:
+        raise chk.fail(line, f"unknown backend '{backend}' in kld_base", f"choose from: {', '.join(BACKENDS)}")
+    if "kv" in base and ({"cache_type_k", "cache_type_v"} & set(base)):
+        raise chk.fail(line, "contradictory flags in kld_base: kv and cache_type_k/cache_type_v")
+    k = base.get("kv", base.get("cache_type_k", "f16"))
+    v = base.get("kv", base.get("cache_type_v", "f16"))
+    for t in (k, v):
+        if t not in KV_TYPES:
+            raise chk.fail(line, f"unknown KV cache type '{t}' in kld_base", f"use one of: {', '.join(KV_TYPES)}")
+    fa = base.get("flash_attn")
+    if fa is not None:
+        try:
+            fa = normalize_fa(fa)
+        except HarnessError as exc:
+            raise chk.fail(line, exc.problem) from exc
+    if v not in UNQUANTIZED_KV and fa == "off":
+        raise chk.fail(line, f"contradictory flags in kld_base: a {v} V cache needs flash attention")
+    extra = base.get("extra", [])
+    if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
+        raise chk.fail(line, "kld_base extra must be a list of strings")
+    return {"variant": variant, "backend": backend, "cache_type_k": k, "cache_type_v": v, "flash_attn": fa,
+            "extra": extra}
+
+
+def check_cell(cell: Cell, chk: Checker) -> None:
+    loc = chk.loc
+    v, fa = cell.flags["cache_type_v"], cell.flags["flash_attn"]
+    if cell.ev.kind != "ops" and v not in UNQUANTIZED_KV and fa == "off":
+        line = loc.key("flags", "flash_attn")
+        raise chk.fail(line, f"contradictory flags: a {v} V cache needs flash attention, but flash_attn is off "
+                       f"(cell {cell.label()})", "use flash_attn = \"on\" or exclude the cell with [[exclude]]")
+    if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind != "ops":
+        raise chk.fail(loc.key("flags", "n_gpu_layers"),
+                       f"contradictory flags: n_gpu_layers = {cell.flags['n_gpu_layers']} on the cpu backend "
+                       f"(cell {cell.label()})", "exclude backend cpu for it, or drop n_gpu_layers")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Planned:
+    cell: Cell
+    ctx: RunContext | None  # None: its build failed
+    config_hash: str
+    existing: int | None = None
+    build_error: str = ""
+
+
+@dataclass
+class MatrixResult:
+    ran: int = 0
+    ok: int = 0
+    failed: list[tuple[str, int, str]] = field(default_factory=list)  # (label, run id, error)
+    skipped: int = 0
+    seconds: float = 0.0
+
+
+Builder = Callable[[str, str], BuildInfo]
+
+
+def default_builder(no_build: bool, root: Path | None) -> Builder:
+    def build_one(variant: str, backend: str) -> BuildInfo:
+        if no_build:
+            from pyharness.build import load_build
+
+            return load_build(variant, backend, root)
+        from pyharness.build import build
+
+        return build(variant, backend, root=root)
+
+    return build_one
+
+
+def cell_text(cell: Cell, text: str | None) -> Path:
+    from pyharness.text import resolve_text
+
+    return resolve_text(cell.ev.values.get("text") or text)
+
+
+def kld_base_of(cell: Cell) -> KldBase | None:
+    base = cell.ev.values.get("kld_base")
+    if not base:
+        return None
+    return KldBase(variant=base["variant"], backend=base["backend"], cache_type_k=base["cache_type_k"],
+                   cache_type_v=base["cache_type_v"], flash_attn=base["flash_attn"], extra=tuple(base["extra"]))
+
+
+def ppl_params(cell: Cell) -> PplParams:
+    f = cell.flags
+    return PplParams(ctx=cell.ev.values["ctx"], chunks=cell.ev.values["chunks"], batch=f.get("batch"),
+                     ubatch=f.get("ubatch"), threads=f.get("threads"), cache_type_k=f["cache_type_k"],
+                     cache_type_v=f["cache_type_v"], flash_attn=f["flash_attn"], n_gpu_layers=f.get("n_gpu_layers"),
+                     extra=tuple(f["extra"])).validate()
+
+
+def bench_params(cell: Cell) -> BenchParams:
+    f, ev = cell.flags, cell.ev.values
+
+    def one(key: str) -> tuple[int, ...]:
+        return (f[key],) if f.get(key) is not None else ()
+
+    return BenchParams(n_prompt=tuple(ev["prompt"]), n_gen=tuple(ev["gen"]), depth=tuple(ev["depth"]),
+                       cache_type_k=(f["cache_type_k"],), cache_type_v=(f["cache_type_v"],),
+                       flash_attn=(f["flash_attn"],), repetitions=ev["repetitions"],
+                       n_gpu_layers=one("n_gpu_layers"), threads=one("threads"), batch=one("batch"),
+                       ubatch=one("ubatch"), extra=tuple(f["extra"])).validate()
+
+
+def ops_params(cell: Cell) -> OpsParams:
+    ev = cell.ev.values
+    return OpsParams(mode=ev["mode"], ops=ev["ops"], params_regex=ev["params"], backend_name=ev["backend_name"])
+
+
+NO_MODEL = ModelRef(name="", path=Path("/dev/null"), sha256="", size=0)
+
+
+def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> str:
+    if cell.ev.kind == "ppl":
+        req = PplRequest(params=ppl_params(cell), text=cell_text(cell, text), kld=kld_base_of(cell), root=root)
+        return ppl_config(ctx, req)[0]
+    if cell.ev.kind == "bench":
+        return bench_config(ctx, bench_params(cell))[0]
+    from pyharness.runners import config_hash
+
+    return config_hash("ops", ctx.build, ctx.host, NO_MODEL, ops_params(cell).__dict__)
+
+
+def run_cell(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> RunRecord:
+    if cell.ev.kind == "ppl":
+        req = PplRequest(params=ppl_params(cell), text=cell_text(cell, text), kld=kld_base_of(cell), root=root)
+        return run_perplexity(ctx, req)
+    if cell.ev.kind == "bench":
+        return run_bench(ctx, bench_params(cell))
+    return run_backend_ops(ctx, ops_params(cell))
+
+
+def failed_build_record(cell: Cell, spec: MatrixSpec, error: str, chash: str) -> RunRecord:
+    from pyharness.host import host_info
+
+    h = host_info()
+    now = now_utc()
+    return RunRecord(fields={
+        "kind": cell.ev.kind, "status": "failed", "error": error, "config_hash": chash, "config": cell.key(),
+        "params": cell.key(), "matrix": spec.name, "cell": cell.label(), "variant": cell.variant,
+        "backend": cell.backend, "model_name": cell.model, "host_name": h.hostname, "host_cpu": h.cpu,
+        "host_cpu_count": h.cpu_count, "host_os": h.os, "gpu_name": h.gpu_name, "gpu_driver": h.gpu_driver,
+        "cuda_version": h.cuda_version, "started_at": now, "finished_at": now,
+    })
+
+
+def plan(
+    spec: MatrixSpec,
+    store: Store,
+    *,
+    builder: Builder,
+    text: str | None = None,
+    root: Path | None = None,
+    echo: bool = False,
+) -> list[Planned]:
+    """Build what the cells need, resolve models and texts, and hash every cell's configuration."""
+    cells = spec.cells()
+    models: dict[str, ModelRef] = {}
+    for name in spec.models:
+        if any(c.model == name and c.ev.kind != "ops" for c in cells):
+            try:
+                models[name] = resolve_model(name)
+            except HarnessError as exc:
+                raise MatrixError(f"{spec.path}:{spec.model_lines.get(name, 1)}: model '{name}' does not resolve: "
+                                  f"{exc.problem}", exc.fix) from exc
+    for cell in cells:
+        if cell.ev.kind == "ppl":
+            try:
+                cell_text(cell, text)
+            except HarnessError as exc:
+                line = spec.loc.key("eval", "text", cell.ev.index)
+                raise MatrixError(f"{spec.path}:{line}: {exc.problem}", exc.fix) from exc
+    needed: list[tuple[str, str]] = []
+    for cell in cells:
+        pairs = [(cell.variant, cell.backend)]
+        base = kld_base_of(cell)
+        if base:
+            pairs.append((base.variant, base.backend or cell.backend))
+        for pair in pairs:
+            if pair not in needed:
+                needed.append(pair)
+    builds: dict[tuple[str, str], BuildInfo | str] = {}
+    for variant, backend in needed:
+        try:
+            builds[(variant, backend)] = builder(variant, backend)
+        except HarnessError as exc:
+            builds[(variant, backend)] = str(exc)
+            print(f"pyharness: build {variant}-{backend} failed: {exc}", file=sys.stderr)
+    planned: list[Planned] = []
+    for cell in cells:
+        info = builds[(cell.variant, cell.backend)]
+        base = kld_base_of(cell)
+        base_info = builds[(base.variant, base.backend or cell.backend)] if base else None
+        if isinstance(info, str) or isinstance(base_info, str):
+            error = f"build failed: {info if isinstance(info, str) else base_info}"
+            chash = "unbuilt-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
+            planned.append(Planned(cell, None, chash, build_error=error))
+            continue
+        model = models[cell.model] if cell.ev.kind != "ops" else NO_MODEL
+        ctx = RunContext(build=info, model=model, matrix=spec.name, cell=cell.label(), timeout_s=spec.timeout,
+                         echo=echo)
+        chash = cell_config(cell, ctx, text, root)
+        planned.append(Planned(cell, ctx, chash, existing=store.find_ok(chash)))
+    return planned
+
+
+def run_matrix(
+    spec: MatrixSpec,
+    store: Store,
+    *,
+    builder: Builder,
+    text: str | None = None,
+    root: Path | None = None,
+    retry_failed: bool = True,
+    dry_run: bool = False,
+    echo: bool = False,
+    progress: bool = True,
+) -> MatrixResult:
+    """Run every cell whose configuration is not stored yet; failures are recorded and the matrix goes on."""
+    t0 = time.monotonic()
+    planned = plan(spec, store, builder=builder, text=text, root=root, echo=echo)
+    todo: list[Planned] = []
+    result = MatrixResult()
+    for p in planned:
+        if p.existing is not None:
+            result.skipped += 1
+            continue
+        if not retry_failed:
+            prior = store.find_any(p.config_hash)
+            if prior is not None and prior["status"] == "failed":
+                result.skipped += 1
+                continue
+        todo.append(p)
+    print(f"matrix {spec.name}: {len(planned)} cells, {result.skipped} already stored, {len(todo)} to run",
+          file=sys.stderr)
+    if dry_run:
+        for p in planned:
+            state = f"stored as run {p.existing}" if p.existing is not None else (
+                p.build_error or "to run")
+            print(f"  {p.config_hash}  {p.cell.label()}  [{state}]")
+        return result
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for p in todo:
+            bar.set_postfix_str(p.cell.label()[:60], refresh=True)
+            if p.ctx is None:
+                record = failed_build_record(p.cell, spec, p.build_error, p.config_hash)
+            else:
+                try:
+                    record = run_cell(p.cell, p.ctx, text, root)
+                except HarnessError as exc:
+                    record = failed_build_record(p.cell, spec, str(exc), p.config_hash)
+            run_id = store.record(record)
+            result.ran += 1
+            if record.ok:
+                result.ok += 1
+            else:
+                result.failed.append((p.cell.label(), run_id, str(record.fields.get("error"))))
+                bar.write(f"FAILED {p.cell.label()}: {record.fields.get('error')} (run {run_id})")
+            bar.update(1)
+    finally:
+        bar.close()
+    result.seconds = round(time.monotonic() - t0, 1)
+    return result

@@ -1,0 +1,467 @@
+"""`pyharness report`: Markdown, CSV and PNG reports rendered from the results store, and from nothing else.
+
+Runs are grouped by environment: hardware (CPU, GPU, driver, CUDA) and upstream commit, and, for patched builds,
+the patch-series hash. Each group gets its own tables, headed by the hardware and commits they came from; when a
+report spans several groups it opens with a warning block saying so, and never compares numbers across groups.
+
+Throughput tables follow upstream's compare-llama-bench.py (model, test, baseline t/s, candidate t/s, speedup), but
+each t/s is the median over all stored samples with their standard deviation. Perplexity tables show PPL ± error,
+the PPL ratio to the KLD base, mean KLD and same-top-token %. When a configuration was run more than once (same
+configuration hash), the latest successful run is used.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyharness.errors import HarnessError
+from pyharness.host import hardware_key
+from pyharness.store import Store
+
+
+@dataclass
+class Group:
+    """Runs comparable with each other: same hardware, same upstream commit, at most one patch series."""
+
+    hardware: str
+    upstream_commit: str
+    series_hash: str  # of the patched runs in the group ("none" when there are none)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        series = f", patch series {self.series_hash[:12]}" if self.series_hash != "none" else ""
+        return f"{self.hardware} — upstream {self.upstream_commit[:12]}{series}"
+
+
+@dataclass
+class Report:
+    markdown: str
+    csv: dict[str, str]
+    groups: list[Group]
+    bench_rows: list[dict[str, Any]]
+    ppl_rows: list[dict[str, Any]]
+    warnings: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def latest_runs(store: Store, matrix: str | None) -> list[dict[str, Any]]:
+    runs = store.runs(matrix=matrix, status="ok")
+    latest: dict[str, dict[str, Any]] = {}
+    for run in runs:  # ordered by run_id
+        latest[run["config_hash"]] = run
+    return sorted(latest.values(), key=lambda r: r["run_id"])
+
+
+def run_hardware(run: dict[str, Any]) -> str:
+    return hardware_key(run.get("host_cpu") or "unknown CPU", run.get("gpu_name") or "", run.get("gpu_driver") or "",
+                        run.get("cuda_version") or "")
+
+
+def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
+    """Split runs into comparable groups; upstream runs join every group of their hardware and commit."""
+    by_env: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_env[(run_hardware(run), run.get("upstream_commit") or "?")].append(run)
+    groups: list[Group] = []
+    for (hw, commit), members in by_env.items():
+        series = sorted({r["series_hash"] for r in members if r.get("variant") != "upstream"})
+        if not series:
+            groups.append(Group(hw, commit, "none", members))
+            continue
+        for s in series:
+            groups.append(Group(hw, commit, s, [r for r in members if r.get("variant") == "upstream"
+                                                or r["series_hash"] == s]))
+    return groups
+
+
+def samples_of(store: Store, run_id: int, test_index: int) -> list[float]:
+    rows = store.conn.execute("SELECT ts FROM bench_sample WHERE run_id = ? AND test_index = ? ORDER BY sample_index",
+                              (run_id, test_index)).fetchall()
+    return [float(r["ts"]) for r in rows]
+
+
+def _extra(run: dict[str, Any]) -> str:
+    params = json.loads(run.get("params") or "{}")
+    return " ".join(params.get("extra") or [])
+
+
+def model_label(name: str | None) -> str:
+    """A model as tables show it: its registry name, or the file name of a path."""
+    name = name or "?"
+    return Path(name).name if "/" in name else name
+
+
+def _fa(value: Any) -> str:
+    return {"1": "on", "0": "off", "-1": "auto"}.get(str(value), str(value))
+
+
+def bench_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (run, llama-bench test) with the median and stdev over its samples."""
+    rows = []
+    for run in runs:
+        if run["kind"] != "bench":
+            continue
+        tests = store.conn.execute("SELECT * FROM bench_test WHERE run_id = ? ORDER BY test_index",
+                                   (run["run_id"],)).fetchall()
+        for t in tests:
+            ts = samples_of(store, run["run_id"], t["test_index"])
+            rows.append({
+                "run_id": run["run_id"], "variant": run["variant"], "backend": run["backend"],
+                "model": model_label(run["model_name"]), "test": t["test"], "n_prompt": t["n_prompt"],
+                "n_gen": t["n_gen"],
+                "n_depth": t["n_depth"], "type_k": t["type_k"], "type_v": t["type_v"], "fa": _fa(t["flash_attn"]),
+                "threads": t["n_threads"], "ngl": t["n_gpu_layers"], "n_batch": t["n_batch"],
+                "n_ubatch": t["n_ubatch"], "extra": _extra(run), "n_samples": len(ts),
+                "median_ts": statistics.median(ts) if ts else None,
+                "stdev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                "mean_ts": statistics.fmean(ts) if ts else None,
+                "source_commit": run["source_commit"], "series_hash": run["series_hash"],
+            })
+    return rows
+
+
+def ppl_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        if run["kind"] != "ppl":
+            continue
+        p = store.conn.execute("SELECT * FROM perplexity WHERE run_id = ?", (run["run_id"],)).fetchone()
+        if p is None:
+            continue
+        k = store.conn.execute("SELECT * FROM kld WHERE run_id = ?", (run["run_id"],)).fetchone()
+        params = json.loads(run["params"])
+        base = json.loads(k["base_config"]) if k else None
+        row = {
+            "run_id": run["run_id"], "variant": run["variant"], "backend": run["backend"],
+            "model": model_label(run["model_name"]),
+            "ctx": p["n_ctx"], "chunks": p["n_chunks"], "type_k": params.get("cache_type_k"),
+            "type_v": params.get("cache_type_v"), "fa": params.get("flash_attn"), "extra": _extra(run),
+            "ppl": p["ppl"], "ppl_err": p["ppl_err"],
+            "base": f"{base['variant']} {base['params']['cache_type_k']}/{base['params']['cache_type_v']}"
+            if base else "",
+        }
+        if k:
+            for name in ("ppl_base", "ppl_ratio", "ppl_ratio_err", "kld_mean", "kld_mean_err", "kld_p99",
+                         "kld_max", "same_top_pct", "same_top_err_pct", "dp_rms_pct"):
+                row[name] = k[name]
+        rows.append(row)
+    return rows
+
+
+def feature_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    ids = {r["run_id"]: r for r in runs}
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    out = []
+    for row in store.conn.execute(f"SELECT * FROM feature_eval WHERE run_id IN ({marks}) ORDER BY run_id", list(ids)):
+        run = ids[row["run_id"]]
+        out.append({"run_id": row["run_id"], "variant": run["variant"], "model": model_label(run["model_name"]),
+                    "feature": row["feature"], "metric": row["metric"], "value": row["value"], "unit": row["unit"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
+    align = align or ["l"] * len(headers)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt_ts(median: float | None, stdev: float | None) -> str:
+    if median is None:
+        return "-"
+    return f"{median:.2f} ± {stdev or 0.0:.2f}"
+
+
+def fmt_pm(value: float | None, err: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f} ± {(err or 0.0):.{digits}f}"
+
+
+def kv_label(k: str, v: str) -> str:
+    return k if k == v else f"{k}/{v}"
+
+
+def environment_block(group: Group) -> str:
+    """Hardware and commits the group's numbers came from (all taken from the runs' provenance)."""
+    runs = group.runs
+    first = runs[0]
+    cpus = sorted({f"{r['host_cpu']} ({r['host_cpu_count']} usable CPUs)" for r in runs})
+    gpus = sorted({f"{r['gpu_name']} ×{r['gpu_count']}, driver {r['gpu_driver']}, CUDA {r['cuda_version']}"
+                   for r in runs if r.get("gpu_name")}) or ["none"]
+    lines = [
+        f"- CPU: {'; '.join(cpus)}; OS: {first.get('host_os')}",
+        f"- GPU: {'; '.join(gpus)}",
+        f"- upstream commit: `{group.upstream_commit}`",
+    ]
+    for variant in sorted({r["variant"] for r in runs}, key=lambda v: (v != "upstream", v)):
+        vr = [r for r in runs if r["variant"] == variant]
+        commits = sorted({r["source_commit"] for r in vr})
+        series = sorted({r["series_hash"] for r in vr})
+        sync = "" if all(r["series_in_sync"] for r in vr) else " (**built from a branch not in sync with patches/**)"
+        flags = sorted({" ".join(json.loads(r["cmake_flags"] or "[]")) for r in vr})
+        backends = ", ".join(sorted({r["backend"] for r in vr}))
+        lines.append(f"- {variant} ({backends}): source `{', '.join(c[:12] for c in commits)}`, patch series "
+                     f"`{', '.join(s[:12] for s in series)}`{sync}; compiler {vr[0]['compiler']}")
+        lines.append(f"  - build flags: `{'` / `'.join(flags)}`")
+    ids = [r["run_id"] for r in runs]
+    start = min(r["started_at"] or "" for r in runs)
+    end = max(r["finished_at"] or "" for r in runs)
+    lines.append(f"- runs: {len(runs)} (ids {min(ids)}–{max(ids)}), {start} – {end}")
+    return "\n".join(lines)
+
+
+def bench_section(rows: list[dict[str, Any]], baseline: str, candidate: str) -> str:
+    if not rows:
+        return ""
+    key_fields = ("model", "backend", "type_k", "type_v", "fa", "threads", "ngl", "n_batch", "n_ubatch", "n_depth",
+                  "n_prompt", "n_gen", "test")
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != baseline, v != candidate, v))
+    optional = [("backend", "Backend"), ("threads", "Threads"), ("ngl", "ngl"), ("n_batch", "Batch"),
+                ("n_ubatch", "uBatch")]
+    shown = [(k, h) for k, h in optional if len({r[k] for r in rows}) > 1]
+    extras = sorted({r["extra"] for r in rows})
+    cells: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        key = tuple(r[k] for k in key_fields)
+        # an extra-flag run of the candidate is its own row; the baseline row it compares to has no extra flags
+        extra = r["extra"]
+        if r["variant"] == baseline and extra:
+            continue
+        slot = r["variant"] if not extra else f"{r['variant']} {extra}"
+        cells[key][slot] = r
+    slots = sorted({s for c in cells.values() for s in c}, key=lambda s: (not s.startswith(baseline), s))
+    compare = baseline in variants and any(s != baseline for s in slots)
+    headers = ["Model", "Test", "KV (K/V)", "FA", *(h for _, h in shown)]
+    headers += [f"t/s {s}" for s in slots]
+    if compare:
+        headers += [f"Speedup {s}" for s in slots if s != baseline]
+    out_rows = []
+    ordered = sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3], str(k[4]), k[10] == 0, k[9], k[10], k[11]))
+    for key in ordered:
+        c = cells[key]
+        any_row = next(iter(c.values()))
+        line = [any_row["model"], any_row["test"], kv_label(any_row["type_k"], any_row["type_v"]), any_row["fa"]]
+        line += [any_row[k] for k, _ in shown]
+        line += [fmt_ts(c[s]["median_ts"], c[s]["stdev_ts"]) if s in c else "-" for s in slots]
+        if compare:
+            base = c.get(baseline)
+            for s in slots:
+                if s == baseline:
+                    continue
+                if base and s in c and base["median_ts"]:
+                    line.append(f"{c[s]['median_ts'] / base['median_ts']:.2f}")
+                else:
+                    line.append("-")
+        out_rows.append(line)
+    align = ["l", "l", "l", "l", *("r" for _ in shown), *("r" for _ in slots)]
+    align += ["r"] * (len(headers) - len(align))
+    note = ("t/s: median ± standard deviation over every llama-bench repetition; speedup: median ratio "
+            f"to {baseline}.")
+    if extras != [""]:
+        note += " Candidate rows with extra flags are compared against the baseline without them."
+    return "### Throughput (llama-bench)\n\n" + md_table(headers, out_rows, align) + "\n\n" + note + "\n"
+
+
+def ppl_section(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    ordered = sorted(rows, key=lambda r: (r["model"], r["ctx"], r["chunks"], r["variant"] != "upstream", r["variant"],
+                                          r["type_k"], r["type_v"], str(r["fa"]), r["extra"]))
+    headers = ["Model", "Variant", "KV (K/V)", "FA", "Extra", "ctx×chunks", "PPL", "PPL/PPL(base)", "Mean KLD",
+               "99% KLD", "Same top %", "KLD base"]
+    body = []
+    for r in ordered:
+        has_kld = r.get("kld_mean") is not None
+        body.append([
+            r["model"], r["variant"], kv_label(r["type_k"], r["type_v"]), r["fa"], r["extra"] or "-",
+            f"{r['ctx']}×{r['chunks']}", fmt_pm(r["ppl"], r["ppl_err"], 4),
+            fmt_pm(r.get("ppl_ratio"), r.get("ppl_ratio_err"), 4) if has_kld else "-",
+            fmt_pm(r.get("kld_mean"), r.get("kld_mean_err"), 6) if has_kld else "-",
+            f"{r['kld_p99']:.6f}" if has_kld else "-",
+            fmt_pm(r.get("same_top_pct"), r.get("same_top_err_pct"), 2) if has_kld else "-",
+            r["base"] or "-",
+        ])
+    align = ["l", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "l"]
+    return ("### Perplexity and KL divergence (llama-perplexity)\n\n" + md_table(headers, body, align) +
+            "\n\nPPL ± its standard error as llama-perplexity prints it; KLD statistics from `--kl-divergence` "
+            "against the base run named in the last column.\n")
+
+
+def feature_section(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    body = [[r["feature"], r["metric"], r["variant"], r["model"], f"{r['value']:.6g}" if r["value"] is not None
+             else "-", r["unit"] or "", r["run_id"]] for r in rows]
+    return ("### Feature evaluations\n\n" +
+            md_table(["Feature", "Metric", "Variant", "Model", "Value", "Unit", "Run"], body,
+                     ["l", "l", "l", "l", "r", "l", "r"]) + "\n")
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    names = list(rows[0])
+    for r in rows[1:]:
+        names += [k for k in r if k not in names]
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def build_report(store: Store, *, matrix: str | None = None, baseline: str = "upstream",
+                 candidate: str = "patched", title: str | None = None) -> Report:
+    runs = latest_runs(store, matrix)
+    if not runs:
+        where = f" of matrix '{matrix}'" if matrix else ""
+        raise HarnessError(f"no successful runs{where} in {store.path}",
+                           "run `pyharness matrix FILE.toml` (or ppl / bench) first, or check --db / --matrix")
+    groups = group_runs(runs)
+    warnings = []
+    if len(groups) > 1:
+        listing = "\n".join(f">  {i}. {g.title} ({len(g.runs)} runs)" for i, g in enumerate(groups, 1))
+        warnings.append(f"> **Warning: this report covers {len(groups)} different hardware / commit combinations.** "
+                        "Each is reported in its own section; numbers are never compared across sections.\n>\n"
+                        + listing)
+    unsynced = [r["run_id"] for r in runs if not r["series_in_sync"]]
+    if unsynced:
+        warnings.append(f"> **Warning:** runs {', '.join(map(str, unsynced))} used a patched build whose branch "
+                        "differed from patches/ (series hash does not describe its source exactly).")
+    failed = store.runs(matrix=matrix, status="failed")
+    parts = [f"# {title or ('Results: ' + matrix if matrix else 'Results')}", ""]
+    parts.append(f"Rendered by `pyharness report` from `{store.path.name}` ({len(runs)} runs"
+                 + (f", matrix `{matrix}`" if matrix else "") + "). Every number below comes from the store.")
+    parts.append("")
+    parts += [w + "\n" for w in warnings]
+    all_bench: list[dict[str, Any]] = []
+    all_ppl: list[dict[str, Any]] = []
+    for i, group in enumerate(groups, 1):
+        b = bench_rows(store, group.runs)
+        p = ppl_rows(store, group.runs)
+        f = feature_rows(store, group.runs)
+        for rows in (b, p):
+            for r in rows:
+                r["group"] = i
+        all_bench += b
+        all_ppl += p
+        heading = f"## {group.title}" if len(groups) > 1 else "## Environment"
+        parts += [heading, "", environment_block(group), ""]
+        for section in (bench_section(b, baseline, candidate), ppl_section(p), feature_section(f)):
+            if section:
+                parts += [section, ""]
+    if failed:
+        parts += ["## Failed runs", "", md_table(["Run", "Cell", "Error"], [
+            [r["run_id"], r["cell"] or f"{r['kind']} {r['variant']}-{r['backend']}",
+             (r["error"] or "").replace("|", "\\|")[:160]] for r in failed]), ""]
+    return Report(markdown="\n".join(parts).rstrip() + "\n", csv={"bench.csv": to_csv(all_bench),
+                  "ppl.csv": to_csv(all_ppl)}, groups=groups, bench_rows=all_bench, ppl_rows=all_ppl,
+                  warnings=warnings)
+
+
+def test_kind(row: dict[str, Any]) -> str:
+    return "pp" if row["n_gen"] == 0 else "tg" if row["n_prompt"] == 0 else "pp+tg"
+
+
+def plot(report: Report, out: Path) -> list[Path]:
+    """PNG plots: throughput against depth per variant; PPL and mean KLD per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    if report.bench_rows:
+        kinds = sorted({test_kind(r) for r in report.bench_rows})
+        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+        for ax, kind in zip(axes[0], kinds, strict=True):
+            series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for r in report.bench_rows:
+                if test_kind(r) != kind:
+                    continue
+                size = r["n_prompt"] if kind == "pp" else r["n_gen"]
+                label = (f"{r['variant']}{' ' + r['extra'] if r['extra'] else ''} {r['model']} "
+                         f"KV {kv_label(r['type_k'], r['type_v'])} {kind}{size}"
+                         + (f" [g{r['group']}]" if len(report.groups) > 1 else ""))
+                series[label].append(r)
+            for label, pts in sorted(series.items()):
+                pts.sort(key=lambda r: r["n_depth"])
+                ax.errorbar([p["n_depth"] for p in pts], [p["median_ts"] for p in pts],
+                            yerr=[p["stdev_ts"] for p in pts], marker="o", capsize=3, label=label)
+            ax.set_xlabel("context depth (tokens)")
+            ax.set_ylabel("tokens/s (median ± stdev)")
+            ax.set_title(f"{kind}: throughput vs depth")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "throughput_vs_depth.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if report.ppl_rows:
+        rows = sorted(report.ppl_rows, key=lambda r: (r["model"], r["variant"] != "upstream", r["variant"],
+                                                      r["type_k"], r["type_v"], r["extra"]))
+        labels = [f"{r['variant']}{' ' + r['extra'] if r['extra'] else ''}\nKV {kv_label(r['type_k'], r['type_v'])}"
+                  f"\n{r['model']} c{r['ctx']}" for r in rows]
+        has_kld = any(r.get("kld_mean") is not None for r in rows)
+        fig, axes = plt.subplots(1, 2 if has_kld else 1, figsize=(max(6, 1.6 * len(rows)) * (2 if has_kld else 1), 4.5),
+                                 squeeze=False)
+        ax = axes[0][0]
+        ax.bar(range(len(rows)), [r["ppl"] for r in rows], yerr=[r["ppl_err"] for r in rows], capsize=3)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_ylabel("perplexity (± error)")
+        ax.set_title("PPL per configuration")
+        if has_kld:  # only runs that measured KLD: a missing value is not a zero
+            ax = axes[0][1]
+            kld = [(label, r) for label, r in zip(labels, rows, strict=True) if r.get("kld_mean") is not None]
+            ax.bar(range(len(kld)), [r["kld_mean"] for _, r in kld], yerr=[r["kld_mean_err"] for _, r in kld],
+                   capsize=3, color="tab:orange")
+            ax.set_xticks(range(len(kld)), [label + f"\nvs {r['base']}" for label, r in kld], fontsize=7)
+            ax.set_ylabel("mean KLD vs base (± error)")
+            ax.set_title("KL divergence per configuration")
+        fig.tight_layout()
+        path = out / "ppl_kld.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(report: Report, out: Path, *, plots: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    md = out / "README.md"
+    md.write_text(report.markdown)
+    written.append(md)
+    for name, text in report.csv.items():
+        if text:
+            (out / name).write_text(text)
+            written.append(out / name)
+    if plots:
+        pngs = plot(report, out)
+        if pngs:
+            with md.open("a") as fh:
+                fh.write("\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+        written += pngs
+    return written

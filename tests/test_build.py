@@ -1,0 +1,107 @@
+"""Variant builds on a small stand-in for llama.cpp: provenance, no-op rebuilds, failures that point to the log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from pyharness.build import BASE_TARGETS, METADATA_FILE, build, load_build
+from pyharness.errors import HarnessError
+from tests.conftest import git
+
+FAKE_CMAKE = """cmake_minimum_required(VERSION 3.21)
+project(fake_llama C)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+add_library(ggml SHARED ggml.c)
+add_library(llama SHARED llama.c)
+target_link_libraries(llama ggml)
+foreach(tool llama-bench llama-perplexity test-backend-ops)
+    add_executable(${tool} tool.c)
+    target_link_libraries(${tool} llama)
+endforeach()
+"""
+
+
+@pytest.fixture
+def fake_project(tmp_path: Path) -> Path:
+    """A project whose 'upstream' is a tiny C project with the harness's target names."""
+    root = tmp_path / "project"
+    repo = root / "vendor" / "llama.cpp"
+    repo.mkdir(parents=True)
+    (repo / "CMakeLists.txt").write_text(FAKE_CMAKE)
+    (repo / "ggml.c").write_text("int ggml_answer(void) { return 42; }\n")
+    (repo / "llama.c").write_text("int ggml_answer(void);\nint llama_answer(void) { return ggml_answer(); }\n")
+    (repo / "tool.c").write_text("int llama_answer(void);\nint main(void) { return llama_answer() != 42; }\n")
+    git(repo, "init", "--quiet", "--initial-branch", "upstream")
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "fake upstream")
+    commit = git(repo, "rev-parse", "HEAD")
+    (root / "vendor" / "pin.toml").write_text(
+        f'[upstream]\nname = "fake"\ncommit = "{commit}"\n'
+        '[sdist]\npackage = "none"\nversion = "0"\nfile = "none.tar.gz"\nsha256 = "0"\ntree = "t"\ngit_dir = "g"\n'
+    )
+    (root / "patches").mkdir()
+    (root / "patches" / "series").write_text("")
+    return root
+
+
+def test_build_records_provenance_and_rebuilds_in_seconds(fake_project: Path) -> None:
+    info = build("upstream", "cpu", root=fake_project)
+    for target in ("llama-bench", "llama-perplexity", "test-backend-ops"):
+        assert info.tool(target).is_file()
+    meta = json.loads((fake_project / "build" / "upstream-cpu" / METADATA_FILE).read_text())
+    assert meta["source_commit"] == git(fake_project / "vendor" / "llama.cpp", "rev-parse", "upstream")
+    assert meta["upstream_commit"] == meta["source_commit"]
+    assert meta["targets"] == list(BASE_TARGETS)
+    assert "-DCMAKE_BUILD_TYPE=Release" in meta["cmake_flags"]
+    assert meta["compiler"] and meta["series_hash"] == "none"
+    assert load_build("upstream", "cpu", root=fake_project).source_commit == info.source_commit
+    started = time.monotonic()
+    build("upstream", "cpu", root=fake_project)
+    assert time.monotonic() - started < 10
+    log = (fake_project / "build" / "upstream-cpu" / "build.log").read_text()
+    assert "no work to do" in log
+
+
+def test_patched_variant_builds_from_its_own_tree(fake_project: Path) -> None:
+    info = build("patched", "cpu", root=fake_project)
+    assert info.series_in_sync
+    assert (fake_project / "vendor" / "trees" / "patched" / "ggml.c").is_file()
+
+
+def test_failed_build_points_to_its_log_and_leaves_no_metadata(fake_project: Path) -> None:
+    build("upstream", "cpu", root=fake_project)
+    repo = fake_project / "vendor" / "llama.cpp"
+    (repo / "ggml.c").write_text("int ggml_answer(void) { return 42 }\n")
+    git(repo, "commit", "--quiet", "-am", "break the build")
+    pin = fake_project / "vendor" / "pin.toml"
+    old = git(repo, "rev-parse", "HEAD~1")
+    pin.write_text(pin.read_text().replace(old, git(repo, "rev-parse", "HEAD")))
+    with pytest.raises(HarnessError, match="failed") as info:
+        build("upstream", "cpu", root=fake_project)
+    log = fake_project / "build" / "upstream-cpu" / "build.log"
+    assert str(log) in str(info.value)
+    assert "error:" in log.read_text() and "ggml.c" in log.read_text()
+    assert not (fake_project / "build" / "upstream-cpu" / METADATA_FILE).exists()
+    with pytest.raises(HarnessError, match="pyharness build --variant upstream"):
+        load_build("upstream", "cpu", root=fake_project)
+
+
+@pytest.mark.parametrize(
+    ("variant", "backend", "word"), [("nightly", "cpu", "variant"), ("upstream", "rocm", "backend")]
+)
+def test_unknown_variant_or_backend(fake_project: Path, variant: str, backend: str, word: str) -> None:
+    with pytest.raises(HarnessError, match=f"unknown {word}"):
+        build(variant, backend, root=fake_project)
+    assert not (fake_project / "build").exists()
+
+
+def test_real_upstream_build_has_the_harness_tools() -> None:
+    info = load_build("upstream", "cpu")
+    for tool in ("llama-bench", "llama-perplexity", "test-backend-ops"):
+        assert info.tool(tool).is_file()
+    assert info.upstream_commit == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
