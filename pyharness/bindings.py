@@ -27,10 +27,11 @@ model, prompt = sys.argv[1], sys.argv[2]
 llm = Llama(model_path=model, n_ctx=256, n_batch=64, n_threads=2, verbose=False)
 tokens = llm.tokenize(prompt.encode(), add_bos=True)
 llm.eval(tokens)
-logits = np.asarray(llm.scores[llm.n_tokens - 1])
+# The last token's logits straight from libllama (the high-level Llama keeps them only with logits_all).
+logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
 top = int(np.argmax(logits))
 maps = open("/proc/self/maps").read().split()
-lib = sorted({m for m in maps if m.endswith("libllama.so")})
+lib = sorted({m for m in maps if "/libllama.so" in m})
 print(json.dumps({
     "library": lib[0] if lib else "",
     "llama_cpp_python": llama_cpp.__version__,
@@ -46,7 +47,12 @@ print(json.dumps({
 def library_dir(variant: str) -> Path:
     """The folder holding libllama.so: a build's bin/ or, for 'installed', the one `pip install .` put here."""
     if variant == INSTALLED:
-        folder = Path(__file__).resolve().parent / "lib"
+        from importlib import metadata
+
+        try:
+            folder = Path(str(metadata.distribution("pyharness").locate_file("pyharness/lib")))
+        except metadata.PackageNotFoundError:
+            folder = Path(__file__).resolve().parent / "lib"
         if not (folder / "libllama.so").is_file():
             raise HarnessError(f"no libllama.so in {folder}", "install the project with `pip install .`")
         return folder

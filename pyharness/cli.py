@@ -109,6 +109,19 @@ def cmd_bindings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pr(args: argparse.Namespace) -> int:
+    from pyharness.pr import make_pr
+
+    out = make_pr(
+        args.feature,
+        check=not args.no_check,
+        rebase=Path(args.rebase_onto) if args.rebase_onto else None,
+        db=Path(args.db) if args.db else None,
+    )
+    print(out)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pyharness", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = top.add_subparsers(dest="command", required=True)
@@ -160,6 +173,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompt", default="The capital of France is")
     p.set_defaults(func=cmd_bindings)
+
+    p = sub.add_parser("pr", help="a feature's patches as a stack of upstream-ready PRs under build/pr/FEATURE")
+    p.add_argument("feature", help="a feature of patches/features.toml")
+    p.add_argument("--no-check", action="store_true", help="skip building and testing each stage")
+    p.add_argument("--rebase-onto", metavar="PATH", help="also replay the stack onto a newer upstream clone")
+    p.add_argument("--db", help="results store for the evidence tables (default: PYHARNESS_DB or results/)")
+    p.set_defaults(func=cmd_pr)
 
     for register in extra_commands():
         register(sub)

@@ -240,6 +240,10 @@ def vendor(
     """Make vendor/llama.cpp the pinned upstream; a no-op when it already is."""
     root = root or paths.project_root()
     pin = load_pin(root)
+    if from_path and not (from_path / ".git").exists():
+        raise HarnessError(f"{from_path} is not a git clone", "pass the root of a llama.cpp clone")
+    if archive and not archive.is_file():
+        raise HarnessError(f"{archive} does not exist", "make it with `pyharness pack`")
     repo = paths.vendor_dir(root)
     state = vendored_state(repo, pin)
     if state == "ok" and not force:
