@@ -1,0 +1,67 @@
+"""`pyharness pr`: the real sampler patches as an upstream stack that builds, with the store's tables inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyharness.errors import HarnessError
+from pyharness.patches import read_series
+from pyharness.pr import load_feature, make_pr
+from pyharness.store import FeatureEval, RunRecord, Store
+from tests.conftest import ROOT, git
+
+FEATURE = "sortfree-sampler"
+
+
+def store_with_evidence(path: Path) -> float:
+    value = 12.375
+    with Store(path) as store:
+        store.record(
+            RunRecord(
+                fields={
+                    "kind": "feature",
+                    "status": "ok",
+                    "config_hash": "test-evidence",
+                    "config": {"feature": FEATURE},
+                    "params": {},
+                    "matrix": "sampler-cpu",
+                    "variant": "patched",
+                    "backend": "cpu",
+                    "upstream_commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f",
+                    "series_hash": "test",
+                    "series_in_sync": 1,
+                    "host_cpu": "test cpu",
+                },
+                feature_evals=[FeatureEval(FEATURE, "op latency 151936x1", value, "us")],
+            )
+        )
+    return value
+
+
+def test_unknown_feature_names_the_known_ones() -> None:
+    with pytest.raises(HarnessError, match=FEATURE):
+        load_feature("no-such-feature", ROOT)
+
+
+def test_stack_builds_stage_by_stage_and_carries_the_evidence(tmp_path: Path) -> None:
+    value = store_with_evidence(tmp_path / "store.sqlite")
+    out = make_pr(FEATURE, db=tmp_path / "store.sqlite", root=ROOT)
+    patches = [e.file for e in read_series(ROOT / "patches") if e.feature == FEATURE]
+    stages = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(stages) == len(patches)
+    repo = ROOT / "vendor" / "llama.cpp"
+    previous = git(repo, "rev-parse", "upstream")
+    for stage in stages:
+        branch = f"pr/{FEATURE}/{stage.name}"
+        assert git(repo, "rev-parse", f"{branch}~1") == previous  # a stack on the pinned upstream
+        previous = git(repo, "rev-parse", branch)
+        exported = list(stage.glob("*.patch"))
+        assert len(exported) == 1 and "Subject: [PATCH]" in exported[0].read_text()
+    text = (out / "description.md").read_text()
+    for heading in ("## Motivation", "## Design", "## The stack", "## How it was tested", "## Use of AI tools"):
+        assert heading in text
+    assert "| 1 | `build` | ok |" in text
+    assert "| 1 | `test-backend-ops -o SAMPLE_SORTFREE` | ok |" in text
+    assert f"{value}" in text or f"{value:.2f}" in text
