@@ -33,6 +33,9 @@ def store_with_evidence(path: Path) -> float:
                     "series_hash": "test",
                     "series_in_sync": 1,
                     "host_cpu": "test cpu",
+                    "source_commit": "1" * 40,
+                    "compiler": "test compiler",
+                    "cmake_flags": "[]",
                 },
                 feature_evals=[FeatureEval(FEATURE, "op latency 151936x1", value, "us")],
             )
