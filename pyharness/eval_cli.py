@@ -62,14 +62,27 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from pyharness.runners.perplexity import KldBase, PplParams, PplRequest, run_perplexity
     from pyharness.text import resolve_text
 
-    params = PplParams(ctx=args.ctx, chunks=args.chunks, batch=args.batch, ubatch=args.ubatch, threads=args.threads,
-                       cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v, flash_attn=args.flash_attn,
-                       n_gpu_layers=args.n_gpu_layers, extra=tuple(args.extra or ())).validate()
+    params = PplParams(
+        ctx=args.ctx,
+        chunks=args.chunks,
+        batch=args.batch,
+        ubatch=args.ubatch,
+        threads=args.threads,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        flash_attn=args.flash_attn,
+        n_gpu_layers=args.n_gpu_layers,
+        extra=tuple(args.extra or ()),
+    ).validate()
     text = resolve_text(args.text)
     kld = None
     if args.kld:
-        kld = KldBase(variant=args.kld_base_variant, backend=args.kld_base_backend,
-                      cache_type_k=args.kld_base_kv, cache_type_v=args.kld_base_kv)
+        kld = KldBase(
+            variant=args.kld_base_variant,
+            backend=args.kld_base_backend,
+            cache_type_k=args.kld_base_kv,
+            cache_type_v=args.kld_base_kv,
+        )
     ctx = _context(args)
     record = run_perplexity(ctx, PplRequest(params=params, text=text, kld=kld))
     if record.ok:
@@ -77,8 +90,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         print(f"PPL = {p['ppl']:.4f} +/- {p['ppl_err']:.5f}")
         if k:
             print(f"PPL(Q)/PPL(base) = {k['ppl_ratio']:.6f} +/- {k['ppl_ratio_err']:.6f}")
-            print(f"mean KLD = {k['kld_mean']:.6f} +/- {k['kld_mean_err']:.6f}  (99%: {k['kld_p99']:.6f}, "
-                  f"max: {k['kld_max']:.6f})")
+            print(
+                f"mean KLD = {k['kld_mean']:.6f} +/- {k['kld_mean_err']:.6f}  (99%: {k['kld_p99']:.6f}, "
+                f"max: {k['kld_max']:.6f})"
+            )
             print(f"same top token = {k['same_top_pct']:.3f} +/- {k['same_top_err_pct']:.3f} %")
     return _finish(record, args)
 
@@ -88,10 +103,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from pyharness.runners.bench import BenchParams, run_bench
 
-    params = BenchParams(n_prompt=args.n_prompt, n_gen=args.n_gen, depth=args.depth, cache_type_k=args.cache_type_k,
-                         cache_type_v=args.cache_type_v, flash_attn=args.flash_attn, repetitions=args.repetitions,
-                         n_gpu_layers=args.n_gpu_layers, threads=args.threads, batch=args.batch, ubatch=args.ubatch,
-                         extra=tuple(args.extra or ())).validate()
+    params = BenchParams(
+        n_prompt=args.n_prompt,
+        n_gen=args.n_gen,
+        depth=args.depth,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
+        flash_attn=args.flash_attn,
+        repetitions=args.repetitions,
+        n_gpu_layers=args.n_gpu_layers,
+        threads=args.threads,
+        batch=args.batch,
+        ubatch=args.ubatch,
+        extra=tuple(args.extra or ()),
+    ).validate()
     record = run_bench(_context(args), params)
     if record.ok:
         from pyharness.report import kv_label, md_table
@@ -100,12 +125,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = []
         for t in record.bench:
             ts = t.samples_ts
-            rows.append([test_name(t.row["n_prompt"], t.row["n_gen"], t.row["n_depth"]),
-                         kv_label(t.row["type_k"], t.row["type_v"]), t.row["flash_attn"], t.row["n_threads"],
-                         f"{statistics.median(ts):.2f}", f"{statistics.stdev(ts) if len(ts) > 1 else 0.0:.2f}",
-                         len(ts)])
-        print(md_table(["test", "KV", "FA", "threads", "median t/s", "stdev", "samples"], rows,
-                       ["l", "l", "r", "r", "r", "r", "r"]))
+            rows.append(
+                [
+                    test_name(t.row["n_prompt"], t.row["n_gen"], t.row["n_depth"]),
+                    kv_label(t.row["type_k"], t.row["type_v"]),
+                    t.row["flash_attn"],
+                    t.row["n_threads"],
+                    f"{statistics.median(ts):.2f}",
+                    f"{statistics.stdev(ts) if len(ts) > 1 else 0.0:.2f}",
+                    len(ts),
+                ]
+            )
+        print(
+            md_table(
+                ["test", "KV", "FA", "threads", "median t/s", "stdev", "samples"],
+                rows,
+                ["l", "l", "r", "r", "r", "r", "r"],
+            )
+        )
     return _finish(record, args)
 
 
@@ -114,17 +151,30 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     spec = load_matrix(args.file)
     with _open_store(args.db) as store:
-        result = run_matrix(spec, store, builder=default_builder(args.no_build, None), text=args.text,
-                            retry_failed=not args.skip_failed, dry_run=args.dry_run, echo=args.verbose,
-                            progress=not args.no_progress)
+        result = run_matrix(
+            spec,
+            store,
+            builder=default_builder(args.no_build or args.dry_run, None),
+            text=args.text,
+            retry_failed=not args.skip_failed,
+            dry_run=args.dry_run,
+            echo=args.verbose,
+            progress=not args.no_progress,
+        )
         where = store.path
     if args.dry_run:
         return 0
-    print(f"matrix {spec.name}: ran {result.ran} ({result.ok} ok, {len(result.failed)} failed), "
-          f"skipped {result.skipped} already stored, {result.seconds:.0f} s; results in {where}", file=sys.stderr)
+    print(
+        f"matrix {spec.name}: ran {result.ran} ({result.ok} ok, {len(result.failed)} failed), "
+        f"skipped {result.skipped} already stored, {result.seconds:.0f} s; results in {where}",
+        file=sys.stderr,
+    )
     for label, run_id, error in result.failed:
-        print(f"  failed: {label}: {error} (run {run_id}; `sqlite3 {where} \"select stderr from runs where "
-              f"run_id={run_id}\"`)", file=sys.stderr)
+        print(
+            f'  failed: {label}: {error} (run {run_id}; `sqlite3 {where} "select stderr from runs where '
+            f'run_id={run_id}"`)',
+            file=sys.stderr,
+        )
     return 1 if result.failed else 0
 
 
@@ -132,8 +182,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pyharness.report import build_report, write_report
 
     with _open_store(args.db) as store:
-        report = build_report(store, matrix=args.matrix, baseline=args.baseline, candidate=args.candidate,
-                              title=args.title)
+        report = build_report(
+            store, matrix=args.matrix, baseline=args.baseline, candidate=args.candidate, title=args.title
+        )
     if args.out:
         written = write_report(report, Path(args.out), plots=not args.no_plots)
         for path in written:
@@ -146,8 +197,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", required=True, help="upstream or patched (must be built: `pyharness build`)")
     p.add_argument("--backend", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="model name (`pyharness models list`), .gguf path, or synth:SHAPE (default smollm2-135m)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model name (`pyharness models list`), .gguf path, or synth:SHAPE (default smollm2-135m)",
+    )
     p.add_argument("--db", help=DB_HELP)
     p.add_argument("--no-store", action="store_true", help="run and print, but do not write to the store")
     p.add_argument("--timeout", type=float, help="kill the run after this many seconds (it is stored as failed)")
@@ -158,13 +212,16 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser(
-        "ppl", help="perplexity (and KL divergence against a base run) of a built variant", formatter_class=fmt,
+        "ppl",
+        help="perplexity (and KL divergence against a base run) of a built variant",
+        formatter_class=fmt,
         description="Run the variant's llama-perplexity on a model and text, parse PPL ± error and, with --kld, the "
         "KL-divergence statistics against a base run (upstream, f16 KV cache by default; its logits are cached "
         "under <cache>/kld-base/ and reused). Every run is stored with its provenance.",
         epilog="examples:\n  pyharness ppl --variant patched -c 512 --chunks 8 -ctk q8_0 -ctv q8_0 -fa on --kld\n"
         "  pyharness ppl --variant patched --text wiki.test.raw --extra --some-patch-flag 1\n\n"
-        "text: --text FILE, else $PYHARNESS_TEXT, else wikitext-2-raw-v1 (test) through the datasets package.")
+        "text: --text FILE, else $PYHARNESS_TEXT, else wikitext-2-raw-v1 (test) through the datasets package.",
+    )
     _add_common(p)
     p.add_argument("--text", help="evaluation text file (default: $PYHARNESS_TEXT or wikitext-2 via datasets)")
     p.add_argument("-c", "--ctx", type=int, default=512, help="context size per chunk (default 512)")
@@ -180,17 +237,25 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--kld-base-variant", default="upstream", help="variant of the KLD base run (default upstream)")
     p.add_argument("--kld-base-backend", help="backend of the KLD base run (default: --backend)")
     p.add_argument("--kld-base-kv", default="f16", help="K and V cache type of the KLD base run (default f16)")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], metavar="ARG",
-                   help="pass every following argument to llama-perplexity (must come last)")
+    p.add_argument(
+        "--extra",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="ARG",
+        help="pass every following argument to llama-perplexity (must come last)",
+    )
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser(
-        "bench", help="throughput of a built variant with llama-bench (every repetition kept)", formatter_class=fmt,
+        "bench",
+        help="throughput of a built variant with llama-bench (every repetition kept)",
+        formatter_class=fmt,
         description="Run the variant's llama-bench with -o jsonl and store every test (in upstream's llama_bench "
         "table, readable by scripts/compare-llama-bench.py) and every sample. List options take comma-separated "
         "values, as llama-bench does.",
         epilog="example:\n  pyharness bench --variant patched -p 512 -n 128 -d 0,8192 -ctk f16,q8_0 -ctv f16,q8_0 "
-        "-fa 1 -r 5")
+        "-fa 1 -r 5",
+    )
     _add_common(p)
     p.add_argument("-p", "--n-prompt", type=_csv_ints, default=(512,), help="prompt sizes (default 512)")
     p.add_argument("-n", "--n-gen", type=_csv_ints, default=(128,), help="generation lengths (default 128)")
@@ -203,16 +268,24 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("-t", "--threads", type=_csv_ints, default=(), help="threads")
     p.add_argument("-b", "--batch", type=_csv_ints, default=(), help="logical batch sizes")
     p.add_argument("-ub", "--ubatch", type=_csv_ints, default=(), help="physical batch sizes")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], metavar="ARG",
-                   help="pass every following argument to llama-bench (must come last)")
+    p.add_argument(
+        "--extra",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="ARG",
+        help="pass every following argument to llama-bench (must come last)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
-        "matrix", help="run a declarative evaluation matrix (TOML), resuming where it stopped", formatter_class=fmt,
+        "matrix",
+        help="run a declarative evaluation matrix (TOML), resuming where it stopped",
+        formatter_class=fmt,
         description="Expand FILE.toml (variants x backends x models x runtime flags x evaluations) into runs, build "
         "what they need, skip every run whose configuration hash is already stored (so an interrupted matrix "
         "resumes), and keep going past failed runs (stored as failed, with their log). See matrices/default.toml "
-        "and `python -c 'import pyharness.matrix as m; print(m.__doc__)'` for the format.")
+        "and `python -c 'import pyharness.matrix as m; print(m.__doc__)'` for the format.",
+    )
     p.add_argument("file", help="matrix file, e.g. matrices/default.toml")
     p.add_argument("--db", help=DB_HELP)
     p.add_argument("--text", help="evaluation text for ppl evaluations that name none")
@@ -224,11 +297,14 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser(
-        "report", help="render Markdown/CSV/PNG reports from the results store", formatter_class=fmt,
+        "report",
+        help="render Markdown/CSV/PNG reports from the results store",
+        formatter_class=fmt,
         description="Render throughput (compare-llama-bench style: medians over samples, with stdev and speedup) "
         "and perplexity/KLD tables from the store, grouped by hardware and commits. With --out, write README.md, "
         "bench.csv, ppl.csv and PNG plots there; otherwise print the Markdown.",
-        epilog="example:\n  pyharness report --matrix default --out docs/results/default")
+        epilog="example:\n  pyharness report --matrix default --out docs/results/default",
+    )
     p.add_argument("--db", help=DB_HELP)
     p.add_argument("--out", help="output folder, e.g. docs/results/NAME")
     p.add_argument("--matrix", help="only runs of this matrix (its [matrix] name)")

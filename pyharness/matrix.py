@@ -62,7 +62,16 @@ from typing import Any
 
 from pyharness.build import BACKENDS, VARIANTS, BuildInfo
 from pyharness.errors import HarnessError
-from pyharness.runners import SYNTH_PREFIX, ModelRef, RunContext, canonical, check_synth, now_utc, resolve_model
+from pyharness.runners import (
+    SYNTH_PREFIX,
+    ModelRef,
+    RunContext,
+    canonical,
+    check_synth,
+    now_utc,
+    resolve_model,
+    synth_path,
+)
 from pyharness.runners.bench import BenchParams, OpsParams, bench_config, run_backend_ops, run_bench
 from pyharness.runners.perplexity import (
     KV_TYPES,
@@ -180,8 +189,13 @@ class Cell:
         return " ".join(bits)
 
     def key(self) -> dict[str, Any]:
-        return {"variant": self.variant, "backend": self.backend, "model": self.model, "flags": self.flags,
-                "eval": {"kind": self.ev.kind, **self.ev.values}}
+        return {
+            "variant": self.variant,
+            "backend": self.backend,
+            "model": self.model,
+            "flags": self.flags,
+            "eval": {"kind": self.ev.kind, **self.ev.values},
+        }
 
 
 @dataclass
@@ -273,15 +287,19 @@ def load_matrix(path: Path | str) -> MatrixSpec:
 
     for key in data:
         if key not in TOP_KEYS:
-            raise chk.fail(loc.table(key) if loc.table(key) != 1 else loc.key("", key), f"unknown table or key '{key}'",
-                           f"known: {', '.join(sorted(TOP_KEYS))}")
+            raise chk.fail(
+                loc.table(key) if loc.table(key) != 1 else loc.key("", key),
+                f"unknown table or key '{key}'",
+                f"known: {', '.join(sorted(TOP_KEYS))}",
+            )
     if "matrix" not in data or not isinstance(data["matrix"], dict):
         raise chk.fail(1, "no [matrix] table", "add [matrix] with variants, backends and models")
     top = data["matrix"]
     for key in top:
         if key not in MATRIX_KEYS:
-            raise chk.fail(loc.key("matrix", key), f"unknown key '{key}' in [matrix]",
-                           f"known: {', '.join(sorted(MATRIX_KEYS))}")
+            raise chk.fail(
+                loc.key("matrix", key), f"unknown key '{key}' in [matrix]", f"known: {', '.join(sorted(MATRIX_KEYS))}"
+            )
 
     def strings(table: str, key: str, allowed: Iterable[str] | None, what: str) -> list[str]:
         value = top.get(key)
@@ -328,21 +346,36 @@ def load_matrix(path: Path | str) -> MatrixSpec:
     for i, ex in enumerate(excludes_raw):
         for key in ex:
             if key not in EXCLUDE_KEYS:
-                raise chk.fail(loc.key("exclude", key, i), f"unknown key '{key}' in [[exclude]]",
-                               f"known: {', '.join(sorted(EXCLUDE_KEYS))}")
+                raise chk.fail(
+                    loc.key("exclude", key, i),
+                    f"unknown key '{key}' in [[exclude]]",
+                    f"known: {', '.join(sorted(EXCLUDE_KEYS))}",
+                )
         if "variant" in ex and ex["variant"] not in VARIANTS:
             raise chk.fail(loc.key("exclude", "variant", i), f"unknown variant '{ex['variant']}'")
         if "backend" in ex and ex["backend"] not in BACKENDS:
             raise chk.fail(loc.key("exclude", "backend", i), f"unknown backend '{ex['backend']}'")
         excludes.append(ex)
 
-    spec = MatrixSpec(path=path, name=str(top.get("name") or path.stem), description=str(top.get("description", "")),
-                      variants=variants, backends=backends, models=models, timeout=timeout, flag_axes=flag_axes,
-                      evals=evals, excludes=excludes, loc=loc, model_lines=model_lines)
+    spec = MatrixSpec(
+        path=path,
+        name=str(top.get("name") or path.stem),
+        description=str(top.get("description", "")),
+        variants=variants,
+        backends=backends,
+        models=models,
+        timeout=timeout,
+        flag_axes=flag_axes,
+        evals=evals,
+        excludes=excludes,
+        loc=loc,
+        model_lines=model_lines,
+    )
     cells = spec.cells()
     if not cells:
-        raise chk.fail(loc.table("exclude") if excludes else 1, "the matrix expands to no cells",
-                       "check [[exclude]] and the axes")
+        raise chk.fail(
+            loc.table("exclude") if excludes else 1, "the matrix expands to no cells", "check [[exclude]] and the axes"
+        )
     for cell in cells:
         check_cell(cell, chk)
     return spec
@@ -399,12 +432,18 @@ def check_flags(raw: dict[str, Any], chk: Checker, backends: list[str]) -> dict[
                 raise chk.fail(line, f"'{key}' must be a non-negative integer (or a list of them), got {v!r}")
         axes[key] = values
     if "kv" in axes and ({"cache_type_k", "cache_type_v"} & set(axes)):
-        raise chk.fail(loc.key("flags", "kv"), "contradictory flags: 'kv' sets both cache types, and "
-                       "cache_type_k / cache_type_v set them again", "use either kv or cache_type_k/cache_type_v")
+        raise chk.fail(
+            loc.key("flags", "kv"),
+            "contradictory flags: 'kv' sets both cache types, and cache_type_k / cache_type_v set them again",
+            "use either kv or cache_type_k/cache_type_v",
+        )
     ngl = [v for v in axes.get("n_gpu_layers", []) if v > 0]
     if ngl and backends == ["cpu"]:
-        raise chk.fail(loc.key("flags", "n_gpu_layers"), f"contradictory flags: n_gpu_layers = {ngl[0]} but the only "
-                       "backend is cpu", "drop n_gpu_layers or add backend cuda")
+        raise chk.fail(
+            loc.key("flags", "n_gpu_layers"),
+            f"contradictory flags: n_gpu_layers = {ngl[0]} but the only backend is cpu",
+            "drop n_gpu_layers or add backend cuda",
+        )
     return axes
 
 
@@ -422,12 +461,16 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
         raise chk.fail(header, "each [[eval]] must be a table")
     kind = ev.get("kind")
     if kind not in EVAL_KEYS:
-        raise chk.fail(loc.key("eval", "kind", index), f"unknown eval kind {kind!r}",
-                       f"use one of: {', '.join(EVAL_KEYS)}")
+        raise chk.fail(
+            loc.key("eval", "kind", index), f"unknown eval kind {kind!r}", f"use one of: {', '.join(EVAL_KEYS)}"
+        )
     for key in ev:
         if key not in EVAL_KEYS[kind]:
-            raise chk.fail(loc.key("eval", key, index), f"unknown key '{key}' in a {kind} [[eval]]",
-                           f"known: {', '.join(sorted(EVAL_KEYS[kind]))}")
+            raise chk.fail(
+                loc.key("eval", key, index),
+                f"unknown key '{key}' in a {kind} [[eval]]",
+                f"known: {', '.join(sorted(EVAL_KEYS[kind]))}",
+            )
     values: dict[str, Any] = {}
     if kind == "ppl":
         values["ctx"] = _int_list(ev.get("ctx", 512), loc.key("eval", "ctx", index), "ctx", chk, 16)[0]
@@ -441,24 +484,34 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             values["kld_base"] = check_kld_base(base, loc.key("eval", "kld_base", index), chk)
         name = ev.get("name") or f"ppl(c{values['ctx']}x{values['chunks']}" + (
             f", kld vs {values['kld_base']['variant']} {values['kld_base']['cache_type_k']})"
-            if "kld_base" in values else ")")
+            if "kld_base" in values
+            else ")"
+        )
     elif kind == "bench":
         values["prompt"] = _int_list(ev.get("prompt", [512]), loc.key("eval", "prompt", index), "prompt", chk)
         values["gen"] = _int_list(ev.get("gen", [128]), loc.key("eval", "gen", index), "gen", chk)
         values["depth"] = _int_list(ev.get("depth", [0]), loc.key("eval", "depth", index), "depth", chk)
-        values["repetitions"] = _int_list(ev.get("repetitions", 5), loc.key("eval", "repetitions", index),
-                                          "repetitions", chk, 1)[0]
+        values["repetitions"] = _int_list(
+            ev.get("repetitions", 5), loc.key("eval", "repetitions", index), "repetitions", chk, 1
+        )[0]
         if not any(values["prompt"]) and not any(values["gen"]):
             raise chk.fail(header, "a bench needs a non-zero prompt or gen size")
         name = ev.get("name") or "bench(p{} n{} d{} r{})".format(
-            ",".join(map(str, values["prompt"])), ",".join(map(str, values["gen"])),
-            ",".join(map(str, values["depth"])), values["repetitions"])
+            ",".join(map(str, values["prompt"])),
+            ",".join(map(str, values["gen"])),
+            ",".join(map(str, values["depth"])),
+            values["repetitions"],
+        )
     else:
         mode = ev.get("mode", "perf")
         if mode not in ("perf", "test"):
             raise chk.fail(loc.key("eval", "mode", index), f"test-backend-ops mode {mode!r} is not perf or test")
-        values = {"mode": mode, "ops": str(ev.get("ops", "")), "params": str(ev.get("params", "")),
-                  "backend_name": str(ev.get("backend_name", ""))}
+        values = {
+            "mode": mode,
+            "ops": str(ev.get("ops", "")),
+            "params": str(ev.get("params", "")),
+            "backend_name": str(ev.get("backend_name", "")),
+        }
         name = ev.get("name") or f"ops({mode} {values['ops'] or 'all'})"
     if not isinstance(name, str):
         raise chk.fail(loc.key("eval", "name", index), "'name' must be a string")
@@ -467,7 +520,7 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
 
 def check_kld_base(base: Any, line: int, chk: Checker) -> dict[str, Any]:
     if not isinstance(base, dict):
-        raise chk.fail(line, "kld_base must be a table, e.g. { variant = \"upstream\", kv = \"f16\" }")
+        raise chk.fail(line, 'kld_base must be a table, e.g. { variant = "upstream", kv = "f16" }')
     for key in base:
         if key not in KLD_BASE_KEYS:
             raise chk.fail(line, f"unknown key '{key}' in kld_base", f"known: {', '.join(sorted(KLD_BASE_KEYS))}")
@@ -495,8 +548,14 @@ def check_kld_base(base: Any, line: int, chk: Checker) -> dict[str, Any]:
     extra = base.get("extra", [])
     if not isinstance(extra, list) or not all(isinstance(a, str) for a in extra):
         raise chk.fail(line, "kld_base extra must be a list of strings")
-    return {"variant": variant, "backend": backend, "cache_type_k": k, "cache_type_v": v, "flash_attn": fa,
-            "extra": extra}
+    return {
+        "variant": variant,
+        "backend": backend,
+        "cache_type_k": k,
+        "cache_type_v": v,
+        "flash_attn": fa,
+        "extra": extra,
+    }
 
 
 def check_cell(cell: Cell, chk: Checker) -> None:
@@ -504,12 +563,18 @@ def check_cell(cell: Cell, chk: Checker) -> None:
     v, fa = cell.flags["cache_type_v"], cell.flags["flash_attn"]
     if cell.ev.kind != "ops" and v not in UNQUANTIZED_KV and fa == "off":
         line = loc.key("flags", "flash_attn")
-        raise chk.fail(line, f"contradictory flags: a {v} V cache needs flash attention, but flash_attn is off "
-                       f"(cell {cell.label()})", "use flash_attn = \"on\" or exclude the cell with [[exclude]]")
+        raise chk.fail(
+            line,
+            f"contradictory flags: a {v} V cache needs flash attention, but flash_attn is off (cell {cell.label()})",
+            'use flash_attn = "on" or exclude the cell with [[exclude]]',
+        )
     if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind != "ops":
-        raise chk.fail(loc.key("flags", "n_gpu_layers"),
-                       f"contradictory flags: n_gpu_layers = {cell.flags['n_gpu_layers']} on the cpu backend "
-                       f"(cell {cell.label()})", "exclude backend cpu for it, or drop n_gpu_layers")
+        raise chk.fail(
+            loc.key("flags", "n_gpu_layers"),
+            f"contradictory flags: n_gpu_layers = {cell.flags['n_gpu_layers']} on the cpu backend "
+            f"(cell {cell.label()})",
+            "exclude backend cpu for it, or drop n_gpu_layers",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -559,16 +624,30 @@ def kld_base_of(cell: Cell) -> KldBase | None:
     base = cell.ev.values.get("kld_base")
     if not base:
         return None
-    return KldBase(variant=base["variant"], backend=base["backend"], cache_type_k=base["cache_type_k"],
-                   cache_type_v=base["cache_type_v"], flash_attn=base["flash_attn"], extra=tuple(base["extra"]))
+    return KldBase(
+        variant=base["variant"],
+        backend=base["backend"],
+        cache_type_k=base["cache_type_k"],
+        cache_type_v=base["cache_type_v"],
+        flash_attn=base["flash_attn"],
+        extra=tuple(base["extra"]),
+    )
 
 
 def ppl_params(cell: Cell) -> PplParams:
     f = cell.flags
-    return PplParams(ctx=cell.ev.values["ctx"], chunks=cell.ev.values["chunks"], batch=f.get("batch"),
-                     ubatch=f.get("ubatch"), threads=f.get("threads"), cache_type_k=f["cache_type_k"],
-                     cache_type_v=f["cache_type_v"], flash_attn=f["flash_attn"], n_gpu_layers=f.get("n_gpu_layers"),
-                     extra=tuple(f["extra"])).validate()
+    return PplParams(
+        ctx=cell.ev.values["ctx"],
+        chunks=cell.ev.values["chunks"],
+        batch=f.get("batch"),
+        ubatch=f.get("ubatch"),
+        threads=f.get("threads"),
+        cache_type_k=f["cache_type_k"],
+        cache_type_v=f["cache_type_v"],
+        flash_attn=f["flash_attn"],
+        n_gpu_layers=f.get("n_gpu_layers"),
+        extra=tuple(f["extra"]),
+    ).validate()
 
 
 def bench_params(cell: Cell) -> BenchParams:
@@ -577,11 +656,20 @@ def bench_params(cell: Cell) -> BenchParams:
     def one(key: str) -> tuple[int, ...]:
         return (f[key],) if f.get(key) is not None else ()
 
-    return BenchParams(n_prompt=tuple(ev["prompt"]), n_gen=tuple(ev["gen"]), depth=tuple(ev["depth"]),
-                       cache_type_k=(f["cache_type_k"],), cache_type_v=(f["cache_type_v"],),
-                       flash_attn=(f["flash_attn"],), repetitions=ev["repetitions"],
-                       n_gpu_layers=one("n_gpu_layers"), threads=one("threads"), batch=one("batch"),
-                       ubatch=one("ubatch"), extra=tuple(f["extra"])).validate()
+    return BenchParams(
+        n_prompt=tuple(ev["prompt"]),
+        n_gen=tuple(ev["gen"]),
+        depth=tuple(ev["depth"]),
+        cache_type_k=(f["cache_type_k"],),
+        cache_type_v=(f["cache_type_v"],),
+        flash_attn=(f["flash_attn"],),
+        repetitions=ev["repetitions"],
+        n_gpu_layers=one("n_gpu_layers"),
+        threads=one("threads"),
+        batch=one("batch"),
+        ubatch=one("ubatch"),
+        extra=tuple(f["extra"]),
+    ).validate()
 
 
 def ops_params(cell: Cell) -> OpsParams:
@@ -617,13 +705,30 @@ def failed_build_record(cell: Cell, spec: MatrixSpec, error: str, chash: str) ->
 
     h = host_info()
     now = now_utc()
-    return RunRecord(fields={
-        "kind": cell.ev.kind, "status": "failed", "error": error, "config_hash": chash, "config": cell.key(),
-        "params": cell.key(), "matrix": spec.name, "cell": cell.label(), "variant": cell.variant,
-        "backend": cell.backend, "model_name": cell.model, "host_name": h.hostname, "host_cpu": h.cpu,
-        "host_cpu_count": h.cpu_count, "host_os": h.os, "gpu_name": h.gpu_name, "gpu_driver": h.gpu_driver,
-        "cuda_version": h.cuda_version, "started_at": now, "finished_at": now,
-    })
+    return RunRecord(
+        fields={
+            "kind": cell.ev.kind,
+            "status": "failed",
+            "error": error,
+            "config_hash": chash,
+            "config": cell.key(),
+            "params": cell.key(),
+            "matrix": spec.name,
+            "cell": cell.label(),
+            "variant": cell.variant,
+            "backend": cell.backend,
+            "model_name": cell.model,
+            "host_name": h.hostname,
+            "host_cpu": h.cpu,
+            "host_cpu_count": h.cpu_count,
+            "host_os": h.os,
+            "gpu_name": h.gpu_name,
+            "gpu_driver": h.gpu_driver,
+            "cuda_version": h.cuda_version,
+            "started_at": now,
+            "finished_at": now,
+        }
+    )
 
 
 def plan(
@@ -634,17 +739,29 @@ def plan(
     text: str | None = None,
     root: Path | None = None,
     echo: bool = False,
+    dry_run: bool = False,
 ) -> list[Planned]:
-    """Build what the cells need, resolve models and texts, and hash every cell's configuration."""
+    """Build what the cells need, resolve models and texts, and hash every cell's configuration.
+
+    A dry run writes nothing: a synthetic model that is not generated yet stays unresolved (its cells are listed
+    as to run) instead of being written.
+    """
     cells = spec.cells()
     models: dict[str, ModelRef] = {}
+    unresolved: dict[str, str] = {}
     for name in spec.models:
         if any(c.model == name and c.ev.kind != "ops" for c in cells):
+            if dry_run and name.startswith(SYNTH_PREFIX) and not synth_path(name).is_file():
+                check_synth(name)
+                unresolved[name] = f"to run; {name} is generated on the first real run"
+                continue
             try:
                 models[name] = resolve_model(name)
             except HarnessError as exc:
-                raise MatrixError(f"{spec.path}:{spec.model_lines.get(name, 1)}: model '{name}' does not resolve: "
-                                  f"{exc.problem}", exc.fix) from exc
+                raise MatrixError(
+                    f"{spec.path}:{spec.model_lines.get(name, 1)}: model '{name}' does not resolve: {exc.problem}",
+                    exc.fix,
+                ) from exc
     for cell in cells:
         if cell.ev.kind == "ppl":
             try:
@@ -671,6 +788,10 @@ def plan(
     planned: list[Planned] = []
     for cell in cells:
         info = builds[(cell.variant, cell.backend)]
+        if cell.ev.kind != "ops" and cell.model in unresolved:
+            chash = "unresolved-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
+            planned.append(Planned(cell, None, chash, build_error=unresolved[cell.model]))
+            continue
         base = kld_base_of(cell)
         base_info = builds[(base.variant, base.backend or cell.backend)] if base else None
         if isinstance(info, str) or isinstance(base_info, str):
@@ -679,8 +800,9 @@ def plan(
             planned.append(Planned(cell, None, chash, build_error=error))
             continue
         model = models[cell.model] if cell.ev.kind != "ops" else NO_MODEL
-        ctx = RunContext(build=info, model=model, matrix=spec.name, cell=cell.label(), timeout_s=spec.timeout,
-                         echo=echo)
+        ctx = RunContext(
+            build=info, model=model, matrix=spec.name, cell=cell.label(), timeout_s=spec.timeout, echo=echo
+        )
         chash = cell_config(cell, ctx, text, root)
         planned.append(Planned(cell, ctx, chash, existing=store.find_ok(chash)))
     return planned
@@ -700,7 +822,7 @@ def run_matrix(
 ) -> MatrixResult:
     """Run every cell whose configuration is not stored yet; failures are recorded and the matrix goes on."""
     t0 = time.monotonic()
-    planned = plan(spec, store, builder=builder, text=text, root=root, echo=echo)
+    planned = plan(spec, store, builder=builder, text=text, root=root, echo=echo, dry_run=dry_run)
     todo: list[Planned] = []
     result = MatrixResult()
     for p in planned:
@@ -713,12 +835,13 @@ def run_matrix(
                 result.skipped += 1
                 continue
         todo.append(p)
-    print(f"matrix {spec.name}: {len(planned)} cells, {result.skipped} already stored, {len(todo)} to run",
-          file=sys.stderr)
+    print(
+        f"matrix {spec.name}: {len(planned)} cells, {result.skipped} already stored, {len(todo)} to run",
+        file=sys.stderr,
+    )
     if dry_run:
         for p in planned:
-            state = f"stored as run {p.existing}" if p.existing is not None else (
-                p.build_error or "to run")
+            state = f"stored as run {p.existing}" if p.existing is not None else (p.build_error or "to run")
             print(f"  {p.config_hash}  {p.cell.label()}  [{state}]")
         return result
     from tqdm import tqdm

@@ -26,6 +26,8 @@ from pyharness.errors import HarnessError
 from pyharness.host import hardware_key
 from pyharness.store import Store
 
+BUSY_THRESHOLD = 0.10  # share of the machine's CPU used by other processes above which a bench is flagged
+
 
 @dataclass
 class Group:
@@ -38,7 +40,12 @@ class Group:
 
     @property
     def title(self) -> str:
-        series = f", patch series {self.series_hash[:12]}" if self.series_hash != "none" else ""
+        if self.series_hash != "none":
+            series = f", patch series {self.series_hash[:12]}"
+        elif any(r.get("variant") != "upstream" for r in self.runs):
+            series = ", empty patch series (patched = upstream source)"
+        else:
+            series = ""
         return f"{self.hardware} — upstream {self.upstream_commit[:12]}{series}"
 
 
@@ -64,8 +71,12 @@ def latest_runs(store: Store, matrix: str | None) -> list[dict[str, Any]]:
 
 
 def run_hardware(run: dict[str, Any]) -> str:
-    return hardware_key(run.get("host_cpu") or "unknown CPU", run.get("gpu_name") or "", run.get("gpu_driver") or "",
-                        run.get("cuda_version") or "")
+    return hardware_key(
+        run.get("host_cpu") or "unknown CPU",
+        run.get("gpu_name") or "",
+        run.get("gpu_driver") or "",
+        run.get("cuda_version") or "",
+    )
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
@@ -80,14 +91,16 @@ def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
             groups.append(Group(hw, commit, "none", members))
             continue
         for s in series:
-            groups.append(Group(hw, commit, s, [r for r in members if r.get("variant") == "upstream"
-                                                or r["series_hash"] == s]))
+            groups.append(
+                Group(hw, commit, s, [r for r in members if r.get("variant") == "upstream" or r["series_hash"] == s])
+            )
     return groups
 
 
 def samples_of(store: Store, run_id: int, test_index: int) -> list[float]:
-    rows = store.conn.execute("SELECT ts FROM bench_sample WHERE run_id = ? AND test_index = ? ORDER BY sample_index",
-                              (run_id, test_index)).fetchall()
+    rows = store.conn.execute(
+        "SELECT ts FROM bench_sample WHERE run_id = ? AND test_index = ? ORDER BY sample_index", (run_id, test_index)
+    ).fetchall()
     return [float(r["ts"]) for r in rows]
 
 
@@ -112,22 +125,38 @@ def bench_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, A
     for run in runs:
         if run["kind"] != "bench":
             continue
-        tests = store.conn.execute("SELECT * FROM bench_test WHERE run_id = ? ORDER BY test_index",
-                                   (run["run_id"],)).fetchall()
+        tests = store.conn.execute(
+            "SELECT * FROM bench_test WHERE run_id = ? ORDER BY test_index", (run["run_id"],)
+        ).fetchall()
         for t in tests:
             ts = samples_of(store, run["run_id"], t["test_index"])
-            rows.append({
-                "run_id": run["run_id"], "variant": run["variant"], "backend": run["backend"],
-                "model": model_label(run["model_name"]), "test": t["test"], "n_prompt": t["n_prompt"],
-                "n_gen": t["n_gen"],
-                "n_depth": t["n_depth"], "type_k": t["type_k"], "type_v": t["type_v"], "fa": _fa(t["flash_attn"]),
-                "threads": t["n_threads"], "ngl": t["n_gpu_layers"], "n_batch": t["n_batch"],
-                "n_ubatch": t["n_ubatch"], "extra": _extra(run), "n_samples": len(ts),
-                "median_ts": statistics.median(ts) if ts else None,
-                "stdev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
-                "mean_ts": statistics.fmean(ts) if ts else None,
-                "source_commit": run["source_commit"], "series_hash": run["series_hash"],
-            })
+            rows.append(
+                {
+                    "run_id": run["run_id"],
+                    "variant": run["variant"],
+                    "backend": run["backend"],
+                    "model": model_label(run["model_name"]),
+                    "test": t["test"],
+                    "n_prompt": t["n_prompt"],
+                    "n_gen": t["n_gen"],
+                    "n_depth": t["n_depth"],
+                    "type_k": t["type_k"],
+                    "type_v": t["type_v"],
+                    "fa": _fa(t["flash_attn"]),
+                    "threads": t["n_threads"],
+                    "ngl": t["n_gpu_layers"],
+                    "n_batch": t["n_batch"],
+                    "n_ubatch": t["n_ubatch"],
+                    "extra": _extra(run),
+                    "n_samples": len(ts),
+                    "median_ts": statistics.median(ts) if ts else None,
+                    "stdev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                    "mean_ts": statistics.fmean(ts) if ts else None,
+                    "source_commit": run["source_commit"],
+                    "series_hash": run["series_hash"],
+                    "other_cpu": run.get("other_cpu"),
+                }
+            )
     return rows
 
 
@@ -143,17 +172,35 @@ def ppl_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any
         params = json.loads(run["params"])
         base = json.loads(k["base_config"]) if k else None
         row = {
-            "run_id": run["run_id"], "variant": run["variant"], "backend": run["backend"],
+            "run_id": run["run_id"],
+            "variant": run["variant"],
+            "backend": run["backend"],
             "model": model_label(run["model_name"]),
-            "ctx": p["n_ctx"], "chunks": p["n_chunks"], "type_k": params.get("cache_type_k"),
-            "type_v": params.get("cache_type_v"), "fa": params.get("flash_attn"), "extra": _extra(run),
-            "ppl": p["ppl"], "ppl_err": p["ppl_err"],
+            "ctx": p["n_ctx"],
+            "chunks": p["n_chunks"],
+            "type_k": params.get("cache_type_k"),
+            "type_v": params.get("cache_type_v"),
+            "fa": params.get("flash_attn"),
+            "extra": _extra(run),
+            "ppl": p["ppl"],
+            "ppl_err": p["ppl_err"],
             "base": f"{base['variant']} {base['params']['cache_type_k']}/{base['params']['cache_type_v']}"
-            if base else "",
+            if base
+            else "",
         }
         if k:
-            for name in ("ppl_base", "ppl_ratio", "ppl_ratio_err", "kld_mean", "kld_mean_err", "kld_p99",
-                         "kld_max", "same_top_pct", "same_top_err_pct", "dp_rms_pct"):
+            for name in (
+                "ppl_base",
+                "ppl_ratio",
+                "ppl_ratio_err",
+                "kld_mean",
+                "kld_mean_err",
+                "kld_p99",
+                "kld_max",
+                "same_top_pct",
+                "same_top_err_pct",
+                "dp_rms_pct",
+            ):
                 row[name] = k[name]
         rows.append(row)
     return rows
@@ -167,8 +214,17 @@ def feature_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str,
     out = []
     for row in store.conn.execute(f"SELECT * FROM feature_eval WHERE run_id IN ({marks}) ORDER BY run_id", list(ids)):
         run = ids[row["run_id"]]
-        out.append({"run_id": row["run_id"], "variant": run["variant"], "model": model_label(run["model_name"]),
-                    "feature": row["feature"], "metric": row["metric"], "value": row["value"], "unit": row["unit"]})
+        out.append(
+            {
+                "run_id": row["run_id"],
+                "variant": run["variant"],
+                "model": model_label(run["model_name"]),
+                "feature": row["feature"],
+                "metric": row["metric"],
+                "value": row["value"],
+                "unit": row["unit"],
+            }
+        )
     return out
 
 
@@ -204,8 +260,13 @@ def environment_block(group: Group) -> str:
     runs = group.runs
     first = runs[0]
     cpus = sorted({f"{r['host_cpu']} ({r['host_cpu_count']} usable CPUs)" for r in runs})
-    gpus = sorted({f"{r['gpu_name']} ×{r['gpu_count']}, driver {r['gpu_driver']}, CUDA {r['cuda_version']}"
-                   for r in runs if r.get("gpu_name")}) or ["none"]
+    gpus = sorted(
+        {
+            f"{r['gpu_name']} ×{r['gpu_count']}, driver {r['gpu_driver']}, CUDA {r['cuda_version']}"
+            for r in runs
+            if r.get("gpu_name")
+        }
+    ) or ["none"]
     lines = [
         f"- CPU: {'; '.join(cpus)}; OS: {first.get('host_os')}",
         f"- GPU: {'; '.join(gpus)}",
@@ -218,8 +279,10 @@ def environment_block(group: Group) -> str:
         sync = "" if all(r["series_in_sync"] for r in vr) else " (**built from a branch not in sync with patches/**)"
         flags = sorted({" ".join(json.loads(r["cmake_flags"] or "[]")) for r in vr})
         backends = ", ".join(sorted({r["backend"] for r in vr}))
-        lines.append(f"- {variant} ({backends}): source `{', '.join(c[:12] for c in commits)}`, patch series "
-                     f"`{', '.join(s[:12] for s in series)}`{sync}; compiler {vr[0]['compiler']}")
+        lines.append(
+            f"- {variant} ({backends}): source `{', '.join(c[:12] for c in commits)}`, patch series "
+            f"`{', '.join(s[:12] for s in series)}`{sync}; compiler {vr[0]['compiler']}"
+        )
         lines.append(f"  - build flags: `{'` / `'.join(flags)}`")
     ids = [r["run_id"] for r in runs]
     start = min(r["started_at"] or "" for r in runs)
@@ -231,11 +294,29 @@ def environment_block(group: Group) -> str:
 def bench_section(rows: list[dict[str, Any]], baseline: str, candidate: str) -> str:
     if not rows:
         return ""
-    key_fields = ("model", "backend", "type_k", "type_v", "fa", "threads", "ngl", "n_batch", "n_ubatch", "n_depth",
-                  "n_prompt", "n_gen", "test")
+    key_fields = (
+        "model",
+        "backend",
+        "type_k",
+        "type_v",
+        "fa",
+        "threads",
+        "ngl",
+        "n_batch",
+        "n_ubatch",
+        "n_depth",
+        "n_prompt",
+        "n_gen",
+        "test",
+    )
     variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != baseline, v != candidate, v))
-    optional = [("backend", "Backend"), ("threads", "Threads"), ("ngl", "ngl"), ("n_batch", "Batch"),
-                ("n_ubatch", "uBatch")]
+    optional = [
+        ("backend", "Backend"),
+        ("threads", "Threads"),
+        ("ngl", "ngl"),
+        ("n_batch", "Batch"),
+        ("n_ubatch", "uBatch"),
+    ]
     shown = [(k, h) for k, h in optional if len({r[k] for r in rows}) > 1]
     extras = sorted({r["extra"] for r in rows})
     cells: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -273,46 +354,109 @@ def bench_section(rows: list[dict[str, Any]], baseline: str, candidate: str) -> 
         out_rows.append(line)
     align = ["l", "l", "l", "l", *("r" for _ in shown), *("r" for _ in slots)]
     align += ["r"] * (len(headers) - len(align))
-    note = ("t/s: median ± standard deviation over every llama-bench repetition; speedup: median ratio "
-            f"to {baseline}.")
+    note = f"t/s: median ± standard deviation over every llama-bench repetition; speedup: median ratio to {baseline}."
     if extras != [""]:
         note += " Candidate rows with extra flags are compared against the baseline without them."
+    busy = sorted(
+        {
+            (r["run_id"], r["variant"], r["other_cpu"])
+            for r in rows
+            if r.get("other_cpu") is not None and r["other_cpu"] > BUSY_THRESHOLD
+        }
+    )
+    if busy:
+        listing = ", ".join(f"run {i} ({v}): {o:.0%}" for i, v, o in busy)
+        note += (
+            f"\n\n> **Warning: the machine was busy with other work during some of these runs** "
+            f"(share of all CPU time used by other processes while llama-bench ran: {listing}). Their "
+            "throughput is not a measurement of the build alone; re-run them on an idle machine."
+        )
     return "### Throughput (llama-bench)\n\n" + md_table(headers, out_rows, align) + "\n\n" + note + "\n"
 
 
 def ppl_section(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    ordered = sorted(rows, key=lambda r: (r["model"], r["ctx"], r["chunks"], r["variant"] != "upstream", r["variant"],
-                                          r["type_k"], r["type_v"], str(r["fa"]), r["extra"]))
-    headers = ["Model", "Variant", "KV (K/V)", "FA", "Extra", "ctx×chunks", "PPL", "PPL/PPL(base)", "Mean KLD",
-               "99% KLD", "Same top %", "KLD base"]
+    ordered = sorted(
+        rows,
+        key=lambda r: (
+            r["model"],
+            r["ctx"],
+            r["chunks"],
+            r["variant"] != "upstream",
+            r["variant"],
+            r["type_k"],
+            r["type_v"],
+            str(r["fa"]),
+            r["extra"],
+        ),
+    )
+    headers = [
+        "Model",
+        "Variant",
+        "KV (K/V)",
+        "FA",
+        "Extra",
+        "ctx×chunks",
+        "PPL",
+        "PPL/PPL(base)",
+        "Mean KLD",
+        "99% KLD",
+        "Same top %",
+        "KLD base",
+    ]
     body = []
     for r in ordered:
         has_kld = r.get("kld_mean") is not None
-        body.append([
-            r["model"], r["variant"], kv_label(r["type_k"], r["type_v"]), r["fa"], r["extra"] or "-",
-            f"{r['ctx']}×{r['chunks']}", fmt_pm(r["ppl"], r["ppl_err"], 4),
-            fmt_pm(r.get("ppl_ratio"), r.get("ppl_ratio_err"), 4) if has_kld else "-",
-            fmt_pm(r.get("kld_mean"), r.get("kld_mean_err"), 6) if has_kld else "-",
-            f"{r['kld_p99']:.6f}" if has_kld else "-",
-            fmt_pm(r.get("same_top_pct"), r.get("same_top_err_pct"), 2) if has_kld else "-",
-            r["base"] or "-",
-        ])
+        body.append(
+            [
+                r["model"],
+                r["variant"],
+                kv_label(r["type_k"], r["type_v"]),
+                r["fa"],
+                r["extra"] or "-",
+                f"{r['ctx']}×{r['chunks']}",
+                fmt_pm(r["ppl"], r["ppl_err"], 4),
+                fmt_pm(r.get("ppl_ratio"), r.get("ppl_ratio_err"), 4) if has_kld else "-",
+                fmt_pm(r.get("kld_mean"), r.get("kld_mean_err"), 6) if has_kld else "-",
+                f"{r['kld_p99']:.6f}" if has_kld else "-",
+                fmt_pm(r.get("same_top_pct"), r.get("same_top_err_pct"), 2) if has_kld else "-",
+                r["base"] or "-",
+            ]
+        )
     align = ["l", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "l"]
-    return ("### Perplexity and KL divergence (llama-perplexity)\n\n" + md_table(headers, body, align) +
-            "\n\nPPL ± its standard error as llama-perplexity prints it; KLD statistics from `--kl-divergence` "
-            "against the base run named in the last column.\n")
+    return (
+        "### Perplexity and KL divergence (llama-perplexity)\n\n"
+        + md_table(headers, body, align)
+        + "\n\nPPL ± its standard error as llama-perplexity prints it; KLD statistics from `--kl-divergence` "
+        "against the base run named in the last column. llama-perplexity stores the base's log-probabilities as "
+        "16-bit values, so a configuration identical to its base shows KLD ≈ 0 and 100 % same top token but a "
+        "PPL ratio slightly different from 1: read ratios against that row, not against 1.\n"
+    )
 
 
 def feature_section(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
-    body = [[r["feature"], r["metric"], r["variant"], r["model"], f"{r['value']:.6g}" if r["value"] is not None
-             else "-", r["unit"] or "", r["run_id"]] for r in rows]
-    return ("### Feature evaluations\n\n" +
-            md_table(["Feature", "Metric", "Variant", "Model", "Value", "Unit", "Run"], body,
-                     ["l", "l", "l", "l", "r", "l", "r"]) + "\n")
+    body = [
+        [
+            r["feature"],
+            r["metric"],
+            r["variant"],
+            r["model"],
+            f"{r['value']:.6g}" if r["value"] is not None else "-",
+            r["unit"] or "",
+            r["run_id"],
+        ]
+        for r in rows
+    ]
+    return (
+        "### Feature evaluations\n\n"
+        + md_table(
+            ["Feature", "Metric", "Variant", "Model", "Value", "Unit", "Run"], body, ["l", "l", "l", "l", "r", "l", "r"]
+        )
+        + "\n"
+    )
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -331,28 +475,42 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def build_report(store: Store, *, matrix: str | None = None, baseline: str = "upstream",
-                 candidate: str = "patched", title: str | None = None) -> Report:
+def build_report(
+    store: Store,
+    *,
+    matrix: str | None = None,
+    baseline: str = "upstream",
+    candidate: str = "patched",
+    title: str | None = None,
+) -> Report:
     runs = latest_runs(store, matrix)
     if not runs:
         where = f" of matrix '{matrix}'" if matrix else ""
-        raise HarnessError(f"no successful runs{where} in {store.path}",
-                           "run `pyharness matrix FILE.toml` (or ppl / bench) first, or check --db / --matrix")
+        raise HarnessError(
+            f"no successful runs{where} in {store.path}",
+            "run `pyharness matrix FILE.toml` (or ppl / bench) first, or check --db / --matrix",
+        )
     groups = group_runs(runs)
     warnings = []
     if len(groups) > 1:
         listing = "\n".join(f">  {i}. {g.title} ({len(g.runs)} runs)" for i, g in enumerate(groups, 1))
-        warnings.append(f"> **Warning: this report covers {len(groups)} different hardware / commit combinations.** "
-                        "Each is reported in its own section; numbers are never compared across sections.\n>\n"
-                        + listing)
+        warnings.append(
+            f"> **Warning: this report covers {len(groups)} different hardware / commit combinations.** "
+            "Each is reported in its own section; numbers are never compared across sections.\n>\n" + listing
+        )
     unsynced = [r["run_id"] for r in runs if not r["series_in_sync"]]
     if unsynced:
-        warnings.append(f"> **Warning:** runs {', '.join(map(str, unsynced))} used a patched build whose branch "
-                        "differed from patches/ (series hash does not describe its source exactly).")
+        warnings.append(
+            f"> **Warning:** runs {', '.join(map(str, unsynced))} used a patched build whose branch "
+            "differed from patches/ (series hash does not describe its source exactly)."
+        )
     failed = store.runs(matrix=matrix, status="failed")
     parts = [f"# {title or ('Results: ' + matrix if matrix else 'Results')}", ""]
-    parts.append(f"Rendered by `pyharness report` from `{store.path.name}` ({len(runs)} runs"
-                 + (f", matrix `{matrix}`" if matrix else "") + "). Every number below comes from the store.")
+    parts.append(
+        f"Rendered by `pyharness report` from `{store.path.name}` ({len(runs)} runs"
+        + (f", matrix `{matrix}`" if matrix else "")
+        + "). Every number below comes from the store."
+    )
     parts.append("")
     parts += [w + "\n" for w in warnings]
     all_bench: list[dict[str, Any]] = []
@@ -372,12 +530,30 @@ def build_report(store: Store, *, matrix: str | None = None, baseline: str = "up
             if section:
                 parts += [section, ""]
     if failed:
-        parts += ["## Failed runs", "", md_table(["Run", "Cell", "Error"], [
-            [r["run_id"], r["cell"] or f"{r['kind']} {r['variant']}-{r['backend']}",
-             (r["error"] or "").replace("|", "\\|")[:160]] for r in failed]), ""]
-    return Report(markdown="\n".join(parts).rstrip() + "\n", csv={"bench.csv": to_csv(all_bench),
-                  "ppl.csv": to_csv(all_ppl)}, groups=groups, bench_rows=all_bench, ppl_rows=all_ppl,
-                  warnings=warnings)
+        parts += [
+            "## Failed runs",
+            "",
+            md_table(
+                ["Run", "Cell", "Error"],
+                [
+                    [
+                        r["run_id"],
+                        r["cell"] or f"{r['kind']} {r['variant']}-{r['backend']}",
+                        (r["error"] or "").replace("|", "\\|")[:160],
+                    ]
+                    for r in failed
+                ],
+            ),
+            "",
+        ]
+    return Report(
+        markdown="\n".join(parts).rstrip() + "\n",
+        csv={"bench.csv": to_csv(all_bench), "ppl.csv": to_csv(all_ppl)},
+        groups=groups,
+        bench_rows=all_bench,
+        ppl_rows=all_ppl,
+        warnings=warnings,
+    )
 
 
 def test_kind(row: dict[str, Any]) -> str:
@@ -401,14 +577,22 @@ def plot(report: Report, out: Path) -> list[Path]:
                 if test_kind(r) != kind:
                     continue
                 size = r["n_prompt"] if kind == "pp" else r["n_gen"]
-                label = (f"{r['variant']}{' ' + r['extra'] if r['extra'] else ''} {r['model']} "
-                         f"KV {kv_label(r['type_k'], r['type_v'])} {kind}{size}"
-                         + (f" [g{r['group']}]" if len(report.groups) > 1 else ""))
+                label = (
+                    f"{r['variant']}{' ' + r['extra'] if r['extra'] else ''} {r['model']} "
+                    f"KV {kv_label(r['type_k'], r['type_v'])} {kind}{size}"
+                    + (f" [g{r['group']}]" if len(report.groups) > 1 else "")
+                )
                 series[label].append(r)
             for label, pts in sorted(series.items()):
                 pts.sort(key=lambda r: r["n_depth"])
-                ax.errorbar([p["n_depth"] for p in pts], [p["median_ts"] for p in pts],
-                            yerr=[p["stdev_ts"] for p in pts], marker="o", capsize=3, label=label)
+                ax.errorbar(
+                    [p["n_depth"] for p in pts],
+                    [p["median_ts"] for p in pts],
+                    yerr=[p["stdev_ts"] for p in pts],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                )
             ax.set_xlabel("context depth (tokens)")
             ax.set_ylabel("tokens/s (median ± stdev)")
             ax.set_title(f"{kind}: throughput vs depth")
@@ -420,13 +604,19 @@ def plot(report: Report, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     if report.ppl_rows:
-        rows = sorted(report.ppl_rows, key=lambda r: (r["model"], r["variant"] != "upstream", r["variant"],
-                                                      r["type_k"], r["type_v"], r["extra"]))
-        labels = [f"{r['variant']}{' ' + r['extra'] if r['extra'] else ''}\nKV {kv_label(r['type_k'], r['type_v'])}"
-                  f"\n{r['model']} c{r['ctx']}" for r in rows]
+        rows = sorted(
+            report.ppl_rows,
+            key=lambda r: (r["model"], r["variant"] != "upstream", r["variant"], r["type_k"], r["type_v"], r["extra"]),
+        )
+        labels = [
+            f"{r['variant']}{' ' + r['extra'] if r['extra'] else ''}\nKV {kv_label(r['type_k'], r['type_v'])}"
+            f"\n{r['model']} c{r['ctx']}"
+            for r in rows
+        ]
         has_kld = any(r.get("kld_mean") is not None for r in rows)
-        fig, axes = plt.subplots(1, 2 if has_kld else 1, figsize=(max(6, 1.6 * len(rows)) * (2 if has_kld else 1), 4.5),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, 2 if has_kld else 1, figsize=(max(6, 1.6 * len(rows)) * (2 if has_kld else 1), 4.5), squeeze=False
+        )
         ax = axes[0][0]
         ax.bar(range(len(rows)), [r["ppl"] for r in rows], yerr=[r["ppl_err"] for r in rows], capsize=3)
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
@@ -435,8 +625,13 @@ def plot(report: Report, out: Path) -> list[Path]:
         if has_kld:  # only runs that measured KLD: a missing value is not a zero
             ax = axes[0][1]
             kld = [(label, r) for label, r in zip(labels, rows, strict=True) if r.get("kld_mean") is not None]
-            ax.bar(range(len(kld)), [r["kld_mean"] for _, r in kld], yerr=[r["kld_mean_err"] for _, r in kld],
-                   capsize=3, color="tab:orange")
+            ax.bar(
+                range(len(kld)),
+                [r["kld_mean"] for _, r in kld],
+                yerr=[r["kld_mean_err"] for _, r in kld],
+                capsize=3,
+                color="tab:orange",
+            )
             ax.set_xticks(range(len(kld)), [label + f"\nvs {r['base']}" for label, r in kld], fontsize=7)
             ax.set_ylabel("mean KLD vs base (± error)")
             ax.set_title("KL divergence per configuration")
