@@ -83,15 +83,20 @@ from pyharness.runners.perplexity import (
     ppl_config,
     run_perplexity,
 )
+from pyharness.runners.sampler import SamplerBenchParams, run_sampler_bench
 from pyharness.store import RunRecord, Store
 
 TOP_KEYS = {"matrix", "flags", "eval", "exclude"}
 MATRIX_KEYS = {"name", "description", "variants", "backends", "models", "timeout"}
 FLAG_KEYS = {"kv", "cache_type_k", "cache_type_v", "flash_attn", "threads", "n_gpu_layers", "batch", "ubatch", "extra"}
+# evaluations that do not run a model: once per build (and flag axis "extra")
+MODEL_FREE_KINDS = ("ops", "sampler")
+
 EVAL_KEYS = {
     "ppl": {"kind", "name", "ctx", "chunks", "text", "kld_base"},
     "bench": {"kind", "name", "prompt", "gen", "depth", "repetitions"},
     "ops": {"kind", "name", "mode", "ops", "params", "backend_name"},
+    "sampler": {"kind", "name", "modes", "vocab", "rows", "temp", "top_k", "top_p", "min_p", "iters", "backend_name"},
 }
 KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
 EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
@@ -177,10 +182,10 @@ class Cell:
 
     def label(self) -> str:
         bits = [f"{self.variant}-{self.backend}"]
-        if self.ev.kind != "ops":
+        if self.ev.kind not in MODEL_FREE_KINDS:
             bits.append(self.model)
         kt, vt = self.flags.get("cache_type_k"), self.flags.get("cache_type_v")
-        if self.ev.kind != "ops":
+        if self.ev.kind not in MODEL_FREE_KINDS:
             bits.append(f"kv={kt}" if kt == vt else f"k={kt},v={vt}")
             bits.append(f"fa={self.flags.get('flash_attn')}")
         if self.flags.get("extra"):
@@ -218,8 +223,8 @@ class MatrixSpec:
         axes = list(self.flag_axes)
         out: list[Cell] = []
         for ev in self.evals:
-            models = self.models if ev.kind != "ops" else self.models[:1]
-            flag_axes = axes if ev.kind != "ops" else [a for a in axes if a == "extra"]
+            models = self.models if ev.kind not in MODEL_FREE_KINDS else self.models[:1]
+            flag_axes = axes if ev.kind not in MODEL_FREE_KINDS else [a for a in axes if a == "extra"]
             for variant, backend, model in itertools.product(self.variants, self.backends, models):
                 for combo in itertools.product(*(self.flag_axes[a] for a in flag_axes)):
                     flags = expand_flags(dict(zip(flag_axes, combo, strict=True)))
@@ -502,6 +507,28 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             ",".join(map(str, values["depth"])),
             values["repetitions"],
         )
+    elif kind == "sampler":
+        from pyharness.sampler_bench import MODES
+
+        modes = ev.get("modes", ["chain", "sortfree"])
+        if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+            raise chk.fail(loc.key("eval", "modes", index), f"modes must be a list of: {', '.join(MODES)}")
+        values = {
+            "modes": list(modes),
+            "vocab": _int_list(ev.get("vocab", [151936]), loc.key("eval", "vocab", index), "vocab", chk, 2),
+            "rows": _int_list(ev.get("rows", [1]), loc.key("eval", "rows", index), "rows", chk, 1),
+            "iters": _int_list(ev.get("iters", 200), loc.key("eval", "iters", index), "iters", chk, 1)[0],
+            "top_k": int(ev.get("top_k", 40)),
+            "backend_name": str(ev.get("backend_name", "CPU")),
+        }
+        for key, default in (("temp", 0.8), ("top_p", 0.9), ("min_p", 0.0)):
+            value = ev.get(key, default)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise chk.fail(loc.key("eval", key, index), f"'{key}' must be a number")
+            values[key] = float(value)
+        name = ev.get("name") or "sampler({} v{} r{})".format(
+            ",".join(values["modes"]), ",".join(map(str, values["vocab"])), ",".join(map(str, values["rows"]))
+        )
     else:
         mode = ev.get("mode", "perf")
         if mode not in ("perf", "test"):
@@ -561,14 +588,14 @@ def check_kld_base(base: Any, line: int, chk: Checker) -> dict[str, Any]:
 def check_cell(cell: Cell, chk: Checker) -> None:
     loc = chk.loc
     v, fa = cell.flags["cache_type_v"], cell.flags["flash_attn"]
-    if cell.ev.kind != "ops" and v not in UNQUANTIZED_KV and fa == "off":
+    if cell.ev.kind not in MODEL_FREE_KINDS and v not in UNQUANTIZED_KV and fa == "off":
         line = loc.key("flags", "flash_attn")
         raise chk.fail(
             line,
             f"contradictory flags: a {v} V cache needs flash attention, but flash_attn is off (cell {cell.label()})",
             'use flash_attn = "on" or exclude the cell with [[exclude]]',
         )
-    if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind != "ops":
+    if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind not in MODEL_FREE_KINDS:
         raise chk.fail(
             loc.key("flags", "n_gpu_layers"),
             f"contradictory flags: n_gpu_layers = {cell.flags['n_gpu_layers']} on the cpu backend "
@@ -680,6 +707,10 @@ def ops_params(cell: Cell) -> OpsParams:
 NO_MODEL = ModelRef(name="", path=Path("/dev/null"), sha256="", size=0)
 
 
+def sampler_params(cell: Cell) -> SamplerBenchParams:
+    return SamplerBenchParams(**cell.ev.values)
+
+
 def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> str:
     if cell.ev.kind == "ppl":
         req = PplRequest(params=ppl_params(cell), text=cell_text(cell, text), kld=kld_base_of(cell), root=root)
@@ -688,6 +719,8 @@ def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None
         return bench_config(ctx, bench_params(cell))[0]
     from pyharness.runners import config_hash
 
+    if cell.ev.kind == "sampler":
+        return config_hash("sampler", ctx.build, ctx.host, NO_MODEL, sampler_params(cell).__dict__)
     return config_hash("ops", ctx.build, ctx.host, NO_MODEL, ops_params(cell).__dict__)
 
 
@@ -697,6 +730,8 @@ def run_cell(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -
         return run_perplexity(ctx, req)
     if cell.ev.kind == "bench":
         return run_bench(ctx, bench_params(cell))
+    if cell.ev.kind == "sampler":
+        return run_sampler_bench(ctx, sampler_params(cell))
     return run_backend_ops(ctx, ops_params(cell))
 
 
@@ -750,7 +785,7 @@ def plan(
     models: dict[str, ModelRef] = {}
     unresolved: dict[str, str] = {}
     for name in spec.models:
-        if any(c.model == name and c.ev.kind != "ops" for c in cells):
+        if any(c.model == name and c.ev.kind not in MODEL_FREE_KINDS for c in cells):
             if dry_run and name.startswith(SYNTH_PREFIX) and not synth_path(name).is_file():
                 check_synth(name)
                 unresolved[name] = f"to run; {name} is generated on the first real run"
@@ -788,7 +823,7 @@ def plan(
     planned: list[Planned] = []
     for cell in cells:
         info = builds[(cell.variant, cell.backend)]
-        if cell.ev.kind != "ops" and cell.model in unresolved:
+        if cell.ev.kind not in MODEL_FREE_KINDS and cell.model in unresolved:
             chash = "unresolved-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
             planned.append(Planned(cell, None, chash, build_error=unresolved[cell.model]))
             continue
@@ -799,7 +834,7 @@ def plan(
             chash = "unbuilt-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
             planned.append(Planned(cell, None, chash, build_error=error))
             continue
-        model = models[cell.model] if cell.ev.kind != "ops" else NO_MODEL
+        model = models[cell.model] if cell.ev.kind not in MODEL_FREE_KINDS else NO_MODEL
         ctx = RunContext(
             build=info, model=model, matrix=spec.name, cell=cell.label(), timeout_s=spec.timeout, echo=echo
         )

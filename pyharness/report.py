@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -223,9 +224,67 @@ def feature_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str,
                 "metric": row["metric"],
                 "value": row["value"],
                 "unit": row["unit"],
+                "device": _device(run),
             }
         )
     return out
+
+
+def _device(run: dict[str, Any]) -> str:
+    """The ggml backend a sampler run measured on (its params' backend_name), else the build's backend."""
+    try:
+        params = json.loads(run.get("params") or "{}")
+    except (TypeError, ValueError):
+        params = {}
+    return str(params.get("backend_name") or run.get("backend") or "")
+
+
+SAMPLER_METRIC = re.compile(r"^(?P<mode>[a-z-]+) vocab=(?P<vocab>\d+) rows=(?P<rows>\d+) median$")
+# (variant, mode) columns of the sampler table, and the speedups shown: (numerator column, denominator column)
+SAMPLER_COLUMNS = (
+    ("upstream", "chain"),
+    ("upstream", "backend-chain"),
+    ("patched", "sortfree"),
+    ("patched", "backend-sortfree"),
+    ("patched", "op"),
+)
+SAMPLER_RATIOS = (
+    (("upstream", "chain"), ("patched", "sortfree")),
+    (("upstream", "chain"), ("patched", "op")),
+    (("upstream", "backend-chain"), ("patched", "backend-sortfree")),
+    (("upstream", "backend-chain"), ("patched", "op")),
+)
+
+
+def sampler_section(rows: list[dict[str, Any]]) -> str:
+    """Sampler latencies (median us per call) pivoted by device, vocabulary and rows, with speedups."""
+    cells: dict[tuple[str, int, int], dict[tuple[str, str], float]] = {}
+    for r in rows:
+        m = SAMPLER_METRIC.match(r["metric"])
+        if not m or r["value"] is None:
+            continue
+        key = (r["device"], int(m["vocab"]), int(m["rows"]))
+        cells.setdefault(key, {})[(r["variant"], m["mode"])] = float(r["value"])
+    if not cells:
+        return ""
+    present = [c for c in SAMPLER_COLUMNS if any(c in v for v in cells.values())]
+    ratios = [(a, b) for a, b in SAMPLER_RATIOS if a in present and b in present]
+    headers = ["Device", "Vocab", "Rows"]
+    headers += [f"{v} {m} (us)" for v, m in present]
+    headers += [f"{a[1]} / {b[1]}" for a, b in ratios]
+    body = []
+    for key in sorted(cells):
+        v = cells[key]
+        line: list[Any] = [key[0], key[1], key[2]]
+        line += [f"{v[c]:.1f}" if c in v else "-" for c in present]
+        line += [f"{v[a] / v[b]:.1f}x" if a in v and b in v and v[b] > 0 else "-" for a, b in ratios]
+        body.append(line)
+    return (
+        "### Sampler latency\n\nMedian microseconds per call (every timed call is in the run's stdout); "
+        "ratios are upstream over patched.\n\n"
+        + md_table(headers, body, ["l", "r", "r"] + ["r"] * (len(headers) - 3))
+        + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -526,7 +585,15 @@ def build_report(
         all_ppl += p
         heading = f"## {group.title}" if len(groups) > 1 else "## Environment"
         parts += [heading, "", environment_block(group), ""]
-        for section in (bench_section(b, baseline, candidate), ppl_section(p), feature_section(f)):
+        sampler = [r for r in f if SAMPLER_METRIC.match(r["metric"])]
+        others = [r for r in f if not SAMPLER_METRIC.match(r["metric"])]
+        sections = (
+            bench_section(b, baseline, candidate),
+            ppl_section(p),
+            sampler_section(sampler),
+            feature_section(others),
+        )
+        for section in sections:
             if section:
                 parts += [section, ""]
     if failed:

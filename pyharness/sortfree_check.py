@@ -1,0 +1,295 @@
+"""Statistical proof of the sorting-free sampler: draws through the GGML op and the llama.cpp sampler of a build,
+tested against the exact filtered distribution of the chain top_k -> top_p -> min_p -> temp -> dist.
+
+The op is driven through libggml with ctypes (many rows of the same logits per graph, each row with its own
+uniforms); the sampler through libllama's public API (`llama_sampler_init_sortfree`, `llama_sampler_apply`).
+The reference distribution is computed here in float64 with the tie rules that `ggml.h` documents, and the
+samples are tested with a chi-square goodness-of-fit test whose tail bins are pooled so that every expected
+count is at least 5.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pyharness.errors import HarnessError
+
+N_UNIFORMS = 33  # GGML_SAMPLE_SORTFREE_N_UNIFORMS
+GGML_TYPE_F32 = 0
+FLT_MIN = np.finfo(np.float32).tiny
+
+
+@dataclass(frozen=True)
+class SamplerParams:
+    temp: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def label(self) -> str:
+        return f"temp={self.temp:g} top_k={self.top_k} top_p={self.top_p:g} min_p={self.min_p:g}"
+
+
+def reference_probs(logits: np.ndarray, sp: SamplerParams) -> np.ndarray:
+    """The distribution the op samples from (float64), following the semantics documented in ggml.h."""
+    l32 = np.where(np.isnan(logits), -np.inf, logits).astype(np.float32)
+    l32 = np.where(np.abs(l32) < FLT_MIN, np.float32(0.0), l32)
+    n = l32.size
+    probs = np.zeros(n)
+    m = l32.max()
+    if m == -np.inf:
+        return probs
+    if not (sp.temp > 0.0) or not math.isfinite(1.0 / np.float32(sp.temp)):
+        probs[int(np.argmax(l32 == m))] = 1.0
+        return probs
+    if m == np.inf:
+        inf = l32 == np.inf
+        probs[inf] = 1.0 / inf.sum()
+        return probs
+    keep = np.ones(n, dtype=bool)
+    if 0 < sp.top_k < n:
+        kth = np.sort(l32)[::-1][sp.top_k - 1]
+        keep &= l32 >= kth
+    top_p = sp.top_p
+    if top_p < 1.0:
+        lk = l32.astype(np.float64)
+        e = np.where(keep, np.exp(lk - float(m)), 0.0)
+        z = e.sum()
+        values, inverse = np.unique(lk, return_inverse=True)  # ascending
+        mass_at = np.bincount(inverse, weights=e, minlength=values.size)
+        mass_gt = np.concatenate([np.cumsum(mass_at[::-1])[::-1][1:], [0.0]])  # mass strictly above each value
+        passes = (mass_gt < max(top_p, 0.0) * z) | (values == float(m))
+        keep &= passes[inverse]
+    if sp.min_p > 0.0:
+        log_min_p = np.float32(min(math.log(np.float32(min(sp.min_p, 1.0))), -float(FLT_MIN)))
+        d = (l32 - m).astype(np.float32)
+        d = np.where(d > -FLT_MIN, np.float32(0.0), d)
+        keep &= d >= log_min_p
+    w = np.where(keep, np.exp((l32.astype(np.float64) - float(m)) / float(np.float32(sp.temp))), 0.0)
+    return w / w.sum()
+
+
+@dataclass
+class ChiSquare:
+    statistic: float
+    dof: int
+    p_value: float
+    outside: int  # samples outside the support of the reference
+
+    @property
+    def passed(self) -> bool:
+        return self.outside == 0 and self.p_value >= 1e-3
+
+
+def chi_square(samples: np.ndarray, probs: np.ndarray) -> ChiSquare:
+    """Goodness of fit of token samples to probs; tokens with expected counts < 5 are pooled (tail bins)."""
+    from scipy.stats import chi2
+
+    n = samples.size
+    counts = np.bincount(samples, minlength=probs.size)
+    outside = int(counts[probs == 0.0].sum())
+    support = np.flatnonzero(probs > 0.0)
+    expected = probs[support] * n
+    observed = counts[support].astype(np.float64)
+    order = np.argsort(-expected, kind="stable")
+    expected, observed = expected[order], observed[order]
+    big = expected >= 5.0
+    exp_bins = list(expected[big])
+    obs_bins = list(observed[big])
+    tail_e, tail_o = expected[~big].sum(), observed[~big].sum()
+    if tail_e > 0.0:
+        if tail_e >= 5.0 or not exp_bins:
+            exp_bins.append(tail_e)
+            obs_bins.append(tail_o)
+        else:
+            exp_bins[-1] += tail_e
+            obs_bins[-1] += tail_o
+    e = np.array(exp_bins)
+    o = np.array(obs_bins)
+    dof = len(e) - 1
+    if dof < 1:
+        return ChiSquare(0.0, 0, 1.0, outside)
+    stat = float(((o - e) ** 2 / e).sum())
+    return ChiSquare(stat, dof, float(chi2.sf(stat, dof)), outside)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ctypes drivers
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+class _Tensor(ctypes.Structure):
+    """struct ggml_tensor (ggml.h), the fields up to `data`; checked against a real tensor before use."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+    ]
+
+
+class _TokenData(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int32), ("logit", ctypes.c_float), ("p", ctypes.c_float)]
+
+
+class _TokenDataArray(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.POINTER(_TokenData)),
+        ("size", ctypes.c_size_t),
+        ("selected", ctypes.c_int64),
+        ("sorted", ctypes.c_bool),
+    ]
+
+
+def _load(lib_dir: Path, name: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL:
+    path = lib_dir / f"lib{name}.so"
+    if not path.is_file():
+        raise HarnessError(
+            f"{path} does not exist",
+            "build the patched variant first: pyharness build --variant patched --backend cpu",
+        )
+    return ctypes.CDLL(str(path), mode=mode)
+
+
+class OpDriver:
+    """ggml_sample_sortfree on the CPU backend of a build (libggml-base + libggml-cpu)."""
+
+    def __init__(self, lib_dir: Path, n_threads: int = 2) -> None:
+        self.base = _load(lib_dir, "ggml-base")
+        self.cpu = _load(lib_dir, "ggml-cpu")
+        if not hasattr(self.base, "ggml_sample_sortfree"):
+            raise HarnessError(f"{lib_dir} has no ggml_sample_sortfree", "use the patched variant's build")
+        vp, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+        b = self.base
+        b.ggml_init.restype, b.ggml_init.argtypes = vp, [_InitParams]
+        b.ggml_free.argtypes = [vp]
+        b.ggml_new_tensor_2d.restype, b.ggml_new_tensor_2d.argtypes = vp, [vp, ctypes.c_int, i64, i64]
+        b.ggml_new_tensor_1d.restype, b.ggml_new_tensor_1d.argtypes = vp, [vp, ctypes.c_int, i64]
+        b.ggml_view_2d.restype, b.ggml_view_2d.argtypes = vp, [vp, vp, i64, i64, sz, sz]
+        b.ggml_sample_sortfree.restype = vp
+        b.ggml_sample_sortfree.argtypes = [vp, vp, vp, ctypes.c_float, ctypes.c_int32, ctypes.c_float, ctypes.c_float]
+        b.ggml_new_graph.restype, b.ggml_new_graph.argtypes = vp, [vp]
+        b.ggml_build_forward_expand.argtypes = [vp, vp]
+        b.ggml_get_data.restype, b.ggml_get_data.argtypes = vp, [vp]
+        self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
+        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+        self.n_threads = n_threads
+
+    def sample(self, logits: np.ndarray, uniforms: np.ndarray, sp: SamplerParams) -> np.ndarray:
+        """One token per row of uniforms ([rows, n_uniforms]); every row samples the same logits."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        uniforms = np.ascontiguousarray(uniforms, dtype=np.float32)
+        rows, n_u = uniforms.shape
+        n = logits.size
+        work = self.n_threads * (24 * n + 8 * (n // 256 + 1) + 4096) + (1 << 20)
+        mem = uniforms.nbytes + rows * 4 + work + (1 << 20)
+        b = self.base
+        ctx = b.ggml_init(_InitParams(mem, None, False))
+        # every row reads the same logits: a [n, rows] tensor whose rows all point at the one array (stride 0),
+        # made in a context that allocates nothing (a ggml view may not be larger than its source)
+        ctx_l = b.ggml_init(_InitParams(1 << 16, None, True))
+        if not ctx or not ctx_l:
+            raise HarnessError(f"ggml_init failed for {mem} bytes", "use fewer rows per call")
+        try:
+            rows_view = b.ggml_new_tensor_2d(ctx_l, GGML_TYPE_F32, n, rows)
+            t = ctypes.cast(rows_view, ctypes.POINTER(_Tensor)).contents
+            if (t.type, t.ne[0], t.ne[1], t.nb[0], t.nb[1], t.data) != (GGML_TYPE_F32, n, rows, 4, 4 * n, None):
+                raise HarnessError("struct ggml_tensor does not have the layout this checker expects", "update _Tensor")
+            t.data = logits.ctypes.data
+            t.nb[1] = t.nb[2] = t.nb[3] = 0
+            ut = b.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_u, rows)
+            ctypes.memmove(b.ggml_get_data(ut), uniforms.ctypes.data, uniforms.nbytes)
+            out = b.ggml_sample_sortfree(ctx, rows_view, ut, sp.temp, sp.top_k, sp.top_p, sp.min_p)
+            gf = b.ggml_new_graph(ctx)
+            b.ggml_build_forward_expand(gf, out)
+            status = self.cpu.ggml_graph_compute_with_ctx(ctx, gf, self.n_threads)
+            if status != 0:
+                raise HarnessError(f"ggml_graph_compute_with_ctx returned {status}", "see stderr")
+            res = np.empty(rows, dtype=np.int32)
+            ctypes.memmove(res.ctypes.data, b.ggml_get_data(out), res.nbytes)
+            return res
+        finally:
+            b.ggml_free(ctx)
+            b.ggml_free(ctx_l)
+
+    def draw(self, logits: np.ndarray, sp: SamplerParams, n_samples: int, seed: int, batch: int = 20000) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        out = []
+        for start in range(0, n_samples, batch):
+            rows = min(batch, n_samples - start)
+            out.append(self.sample(logits, rng.random((rows, N_UNIFORMS), dtype=np.float32), sp))
+        return np.concatenate(out)
+
+
+class SamplerDriver:
+    """llama_sampler_init_sortfree + llama_sampler_apply from a build's libllama (the CPU path)."""
+
+    def __init__(self, lib_dir: Path) -> None:
+        _load(lib_dir, "ggml-base")
+        _load(lib_dir, "ggml")
+        self.llama = _load(lib_dir, "llama")
+        if not hasattr(self.llama, "llama_sampler_init_sortfree"):
+            raise HarnessError(f"{lib_dir}/libllama.so has no llama_sampler_init_sortfree", "use the patched build")
+        lib = self.llama
+        lib.llama_backend_init.argtypes = []
+        lib.llama_backend_init()
+        lib.llama_sampler_init_sortfree.restype = ctypes.c_void_p
+        lib.llama_sampler_init_sortfree.argtypes = [
+            ctypes.c_float,
+            ctypes.c_int32,
+            ctypes.c_float,
+            ctypes.c_float,
+            ctypes.c_uint32,
+        ]
+        lib.llama_sampler_apply.argtypes = [ctypes.c_void_p, ctypes.POINTER(_TokenDataArray)]
+        lib.llama_sampler_free.argtypes = [ctypes.c_void_p]
+
+    def draw(self, logits: np.ndarray, sp: SamplerParams, n_samples: int, seed: int) -> np.ndarray:
+        n = logits.size
+        data = (_TokenData * n)()
+        for i, v in enumerate(np.asarray(logits, dtype=np.float32).tolist()):
+            data[i].id, data[i].logit, data[i].p = i, v, 0.0
+        arr = _TokenDataArray(data, n, -1, False)
+        ref = ctypes.byref(arr)
+        smpl = self.llama.llama_sampler_init_sortfree(sp.temp, sp.top_k, sp.top_p, sp.min_p, seed)
+        apply = self.llama.llama_sampler_apply
+        out = np.empty(n_samples, dtype=np.int64)
+        try:
+            for j in range(n_samples):
+                apply(smpl, ref)
+                out[j] = data[arr.selected].id
+        finally:
+            self.llama.llama_sampler_free(smpl)
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry for manual runs
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("lib_dir", type=Path)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--samples", type=int, default=200_000)
+    args = ap.parse_args(argv)
+    logits = np.random.default_rng(0).normal(0, 3, args.vocab).astype(np.float32)
+    sp = SamplerParams(0.8, 40, 0.95, 0.05)
+    res = chi_square(OpDriver(args.lib_dir).draw(logits, sp, args.samples, 1), reference_probs(logits, sp))
+    print(res, file=sys.stderr)
+    return 0 if res.passed else 1
