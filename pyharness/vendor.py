@@ -211,14 +211,20 @@ def pack_upstream(out: Path, root: Path | None = None) -> Path:
 
 def unpack_archive(archive: Path, pin: Pin, dest: Path) -> None:
     """A `pack_upstream` archive into dest/llama.cpp; git archive records the commit in the tar's pax header."""
-    with tarfile.open(archive) as tar:
-        recorded = tar.pax_headers.get("comment", "")
-        if recorded != pin.commit:
-            raise HarnessError(
-                f"{archive} holds commit {recorded[:7] or 'unknown'}, not the pinned {pin.short}",
-                "make it with `pyharness pack` from a vendored tree at the pin",
-            )
-        tar.extractall(dest / "llama.cpp", filter="data")
+    try:
+        with tarfile.open(archive) as tar:
+            recorded = tar.pax_headers.get("comment", "")
+            if recorded != pin.commit:
+                raise HarnessError(
+                    f"{archive} holds commit {recorded[:7] or 'unknown'}, not the pinned {pin.short}",
+                    "make it with `pyharness pack` from a vendored tree at the pin",
+                )
+            tar.extractall(dest / "llama.cpp", filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise HarnessError(
+            f"{archive} is not a readable archive ({exc.__class__.__name__}: {str(exc).splitlines()[0]})",
+            "make it again with `pyharness pack`, or copy it again if it was truncated on the way",
+        ) from exc
     commit_as_synthetic(dest / "llama.cpp", pin)
 
 

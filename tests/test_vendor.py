@@ -109,12 +109,21 @@ def test_pack_and_vendor_from_archive(tmp_path: Path) -> None:
 def test_archive_of_another_commit_is_refused(tmp_path: Path) -> None:
     import tarfile
 
+    readme = tmp_path / "README.md"
+    readme.write_text("not llama.cpp\n")
     bogus = tmp_path / "bogus.tar.gz"
-    with tarfile.open(bogus, "w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": "f" * 40}):
-        pass
+    with tarfile.open(bogus, "w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": "f" * 40}) as tar:
+        tar.add(readme, arcname="README.md")
     root = tmp_path / "offline"
     (root / "vendor").mkdir(parents=True)
     shutil.copy(ROOT / "vendor" / "pin.toml", root / "vendor" / "pin.toml")
-    with pytest.raises(HarnessError, match="not the pinned"):
+    with pytest.raises(HarnessError, match="holds commit fffffff, not the pinned"):
         vendor(archive=bogus, root=root)
+    assert not (root / "vendor" / "llama.cpp").exists()
+
+    # a truncated archive is refused with a clear error, and leaves nothing behind
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(bogus.read_bytes()[:40])
+    with pytest.raises(HarnessError, match="not a readable archive"):
+        vendor(archive=truncated, root=root)
     assert not (root / "vendor" / "llama.cpp").exists()
