@@ -96,7 +96,20 @@ EVAL_KEYS = {
     "ppl": {"kind", "name", "ctx", "chunks", "text", "kld_base"},
     "bench": {"kind", "name", "prompt", "gen", "depth", "repetitions"},
     "ops": {"kind", "name", "mode", "ops", "params", "backend_name"},
-    "sampler": {"kind", "name", "modes", "vocab", "rows", "temp", "top_k", "top_p", "min_p", "iters", "backend_name"},
+    "sampler": {
+        "kind",
+        "name",
+        "modes",
+        "vocab",
+        "rows",
+        "temp",
+        "top_k",
+        "top_p",
+        "min_p",
+        "iters",
+        "backend_name",
+        "threads",
+    },
 }
 KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
 EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
@@ -520,6 +533,7 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             "iters": _int_list(ev.get("iters", 200), loc.key("eval", "iters", index), "iters", chk, 1)[0],
             "top_k": int(ev.get("top_k", 40)),
             "backend_name": str(ev.get("backend_name", "CPU")),
+            "threads": _int_list(ev.get("threads", 1), loc.key("eval", "threads", index), "threads", chk, 1)[0],
         }
         for key, default in (("temp", 0.8), ("top_p", 0.9), ("min_p", 0.0)):
             value = ev.get(key, default)

@@ -281,7 +281,10 @@ def sampler_section(rows: list[dict[str, Any]]) -> str:
         body.append(line)
     return (
         "### Sampler latency\n\nMedian microseconds per call (every timed call is in the run's stdout); "
-        "ratios are upstream over patched.\n\n"
+        "ratios are upstream over patched. `chain`: `llama_sampler_apply` of top_k -> top_p -> (min_p ->) temp -> "
+        "dist on a `llama_token_data` array; `sortfree`: `llama_sampler_apply` of the sortfree sampler on the same "
+        "array (it copies the logits into a tensor first); `backend-chain` / `backend-sortfree`: the samplers' "
+        "backend-sampling graphs, one per row; `op`: one `GGML_OP_SAMPLE_SORTFREE` node for all rows.\n\n"
         + md_table(headers, body, ["l", "r", "r"] + ["r"] * (len(headers) - 3))
         + "\n"
     )

@@ -12,8 +12,9 @@ prints one JSON object: the configuration and every timed call in microseconds. 
     backend-sortfree  the sortfree sampler's backend graph (GGML_OP_SAMPLE_SORTFREE) for --rows rows
     op                one GGML_OP_SAMPLE_SORTFREE node over all --rows rows (one launch; patched builds)
 
-The token arrays are reset before every CPU call outside the timed region; backend modes time
-`ggml_backend_graph_compute` and a synchronize, with the inputs (logits, uniforms) set before.
+The token arrays are filled before every CPU call outside the timed region (the sortfree sampler's CPU path copies
+the logits out of the array into its tensor, inside); backend modes time `ggml_backend_graph_compute` and a
+synchronize, with the inputs (logits, uniforms) set before, and a CPU backend runs on --threads threads.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class BenchConfig:
     iters: int = 200
     warmup: int = 20
     backend: str = "CPU"
+    threads: int = 1  # threads of a CPU backend (backend modes)
     seed: int = 1234
 
 
@@ -110,8 +112,9 @@ class Libs:
                 raise HarnessError(f"{path} does not exist", "build the variant first (pyharness build)")
             return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
-        self.base = load("ggml-base")
-        self.ggml = load("ggml")
+        load("ggml-base")
+        # libggml's handle resolves its own symbols (the backend registry) and those of libggml-base
+        self.base = self.ggml = load("ggml")
         self.llama = load("llama")
         vp, i64, f, i32, u32, sz = (
             ctypes.c_void_p,
@@ -141,6 +144,9 @@ class Libs:
             (self.base, "ggml_backend_synchronize"): (None, [vp]),
             (self.base, "ggml_backend_free"): (None, [vp]),
             (self.base, "ggml_backend_init_by_name"): (vp, [ctypes.c_char_p, ctypes.c_char_p]),
+            (self.base, "ggml_backend_get_device"): (vp, [vp]),
+            (self.base, "ggml_backend_dev_backend_reg"): (vp, [vp]),
+            (self.base, "ggml_backend_reg_get_proc_address"): (vp, [vp, ctypes.c_char_p]),
             (self.llama, "llama_backend_init"): (None, []),
             (self.llama, "llama_sampler_chain_init"): (vp, [ctypes.c_bool]),
             (self.llama, "llama_sampler_chain_add"): (None, [vp, vp]),
@@ -191,20 +197,22 @@ def logits_rows(cfg: BenchConfig) -> np.ndarray:
 
 def bench_cpu(libs: Libs, cfg: BenchConfig) -> list[float]:
     logits = logits_rows(cfg)[0]
+    ids = np.arange(cfg.vocab, dtype=np.int32)
     n = cfg.vocab
-    template = (_TokenData * n)()
-    for i, v in enumerate(logits.tolist()):
-        template[i].id, template[i].logit, template[i].p = i, v, 0.0
     data = (_TokenData * n)()
+    # the token array is filled field by field before every call, as common_sampler fills it from the logits
+    # (plain stores: a memmove of this size would use non-temporal stores and leave the array out of the cache)
+    view = np.frombuffer(data, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
     arr = _TokenDataArray(data, n, -1, False)
     ref = ctypes.byref(arr)
     smpl = make_sampler(libs, cfg, cfg.mode == "sortfree")
     apply = libs.llama.llama_sampler_apply
-    nbytes = ctypes.sizeof(template)
     times: list[float] = []
     try:
         for it in range(cfg.warmup + cfg.iters):
-            ctypes.memmove(data, template, nbytes)
+            view["id"] = ids
+            view["logit"] = logits
+            view["p"] = 0.0
             arr.data, arr.size, arr.selected, arr.sorted = data, n, -1, False
             t0 = time.perf_counter_ns()
             apply(smpl, ref)
@@ -224,6 +232,11 @@ def bench_backend(libs: Libs, cfg: BenchConfig) -> list[float]:
     if not backend:
         raise HarnessError(f"no ggml backend named {cfg.backend!r} in this build", "use CPU, or CUDA0 on a CUDA build")
     buft = b.ggml_backend_get_default_buffer_type(backend)
+    dev = b.ggml_backend_get_device(backend)
+    reg = b.ggml_backend_dev_backend_reg(dev) if dev else None
+    set_threads = b.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads") if reg else None
+    if set_threads:  # CPU-like backends
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(backend, cfg.threads)
     n_nodes = 64 * cfg.rows + 64
     mem = b.ggml_tensor_overhead() * 4 * n_nodes + b.ggml_graph_overhead_custom(n_nodes, False)
     ctx = b.ggml_init(_InitParams(mem, None, True))
@@ -341,10 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lib-dir", type=Path, required=True, help="a build's bin/ (libllama.so, libggml*.so)")
     ap.add_argument("--batch", type=Path, help="a JSON list of configurations; prints a JSON list of results")
     ap.add_argument("--mode", choices=MODES)
-    for f in BenchConfig.__dataclass_fields__.values():
-        if f.name == "mode":
-            continue
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    ap.add_argument("--vocab", type=int, default=151936)
+    defaults = BenchConfig(mode="chain", vocab=0)
+    for name in ("rows", "temp", "top_k", "top_p", "min_p", "iters", "warmup", "backend", "threads", "seed"):
+        value = getattr(defaults, name)
+        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = ap.parse_args(argv)
     try:
         if args.batch:

@@ -32,6 +32,7 @@ class SamplerBenchParams:
     min_p: float = 0.0
     iters: int = 200
     backend_name: str = "CPU"
+    threads: int = 1
 
     def configs(self) -> list[dict[str, Any]]:
         out = []
@@ -50,6 +51,7 @@ class SamplerBenchParams:
                     "iters": self.iters,
                     "warmup": max(5, self.iters // 10),
                     "backend": self.backend_name,
+                    "threads": self.threads,
                 }
             )
         return out
