@@ -36,7 +36,7 @@ from pyharness.vendor import load_pin
 
 VARIANTS = ("upstream", "patched")
 BACKENDS = ("cpu", "cuda")
-BASE_TARGETS = ("llama", "ggml", "llama-bench", "llama-perplexity", "test-backend-ops")
+BASE_TARGETS = ("llama", "ggml", "llama-bench", "llama-perplexity", "llama-completion", "test-backend-ops")
 METADATA_FILE = "pyharness-build.json"
 COMMON_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",

@@ -73,6 +73,7 @@ from pyharness.runners import (
     synth_path,
 )
 from pyharness.runners.bench import BenchParams, OpsParams, bench_config, run_backend_ops, run_bench
+from pyharness.runners.decode import DecodeParams, run_decode
 from pyharness.runners.perplexity import (
     KV_TYPES,
     UNQUANTIZED_KV,
@@ -96,6 +97,7 @@ EVAL_KEYS = {
     "ppl": {"kind", "name", "ctx", "chunks", "text", "kld_base"},
     "bench": {"kind", "name", "prompt", "gen", "depth", "repetitions"},
     "ops": {"kind", "name", "mode", "ops", "params", "backend_name"},
+    "decode": {"kind", "name", "samplers", "n_gen", "repetitions", "prompt", "ctx"},
     "sampler": {
         "kind",
         "name",
@@ -520,6 +522,24 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             ",".join(map(str, values["depth"])),
             values["repetitions"],
         )
+    elif kind == "decode":
+        from pyharness.runners.decode import SETUPS
+
+        samplers = ev.get("samplers", ["greedy", "chain", "sortfree-bs"])
+        if not isinstance(samplers, list) or not samplers or any(x not in SETUPS for x in samplers):
+            raise chk.fail(loc.key("eval", "samplers", index), f"samplers must be a list of: {', '.join(SETUPS)}")
+        values = {
+            "samplers": list(samplers),
+            "n_gen": _int_list(ev.get("n_gen", 128), loc.key("eval", "n_gen", index), "n_gen", chk, 1)[0],
+            "repetitions": _int_list(
+                ev.get("repetitions", 3), loc.key("eval", "repetitions", index), "repetitions", chk, 1
+            )[0],
+            "prompt": str(ev.get("prompt", "The history of the city begins")),
+            "ctx": _int_list(ev.get("ctx", 1024), loc.key("eval", "ctx", index), "ctx", chk, 16)[0],
+        }
+        name = ev.get("name") or "decode({} n{} r{})".format(
+            ",".join(values["samplers"]), values["n_gen"], values["repetitions"]
+        )
     elif kind == "sampler":
         from pyharness.sampler_bench import MODES
 
@@ -721,6 +741,11 @@ def ops_params(cell: Cell) -> OpsParams:
 NO_MODEL = ModelRef(name="", path=Path("/dev/null"), sha256="", size=0)
 
 
+def decode_params(cell: Cell) -> DecodeParams:
+    f = cell.flags
+    return DecodeParams(**cell.ev.values, threads=f.get("threads"), n_gpu_layers=f.get("n_gpu_layers"))
+
+
 def sampler_params(cell: Cell) -> SamplerBenchParams:
     return SamplerBenchParams(**cell.ev.values)
 
@@ -731,6 +756,10 @@ def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None
         return ppl_config(ctx, req)[0]
     if cell.ev.kind == "bench":
         return bench_config(ctx, bench_params(cell))[0]
+    if cell.ev.kind == "decode":
+        from pyharness.runners import config_hash as decode_hash
+
+        return decode_hash("decode", ctx.build, ctx.host, ctx.model, decode_params(cell).__dict__)
     from pyharness.runners import config_hash
 
     if cell.ev.kind == "sampler":
@@ -746,6 +775,8 @@ def run_cell(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -
         return run_bench(ctx, bench_params(cell))
     if cell.ev.kind == "sampler":
         return run_sampler_bench(ctx, sampler_params(cell))
+    if cell.ev.kind == "decode":
+        return run_decode(ctx, decode_params(cell))
     return run_backend_ops(ctx, ops_params(cell))
 
 

@@ -256,6 +256,40 @@ SAMPLER_RATIOS = (
 )
 
 
+DECODE_METRIC = re.compile(r"^decode (?P<setup>[a-z-]+) tokens/s$")
+
+
+def decode_section(rows: list[dict[str, Any]]) -> str:
+    """Decode tokens/s per sampler setup and variant, relative to the same variant's greedy decoding."""
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    setups: list[str] = []
+    for r in rows:
+        m = DECODE_METRIC.match(r["metric"])
+        if not m or r["value"] is None:
+            continue
+        cells.setdefault((r["model"], r["variant"]), {})[m["setup"]] = float(r["value"])
+        if m["setup"] not in setups:
+            setups.append(m["setup"])
+    if not cells:
+        return ""
+    headers = ["Model", "Variant", *[f"{s} (t/s)" for s in setups]]
+    others = [s for s in setups if s != "greedy"]
+    if "greedy" in setups:
+        headers += [f"{s} / greedy" for s in others]
+    body = []
+    for (model, variant), v in sorted(cells.items()):
+        line: list[Any] = [model, variant, *[f"{v[s]:.1f}" if s in v else "-" for s in setups]]
+        if "greedy" in setups:
+            line += [f"{v[s] / v['greedy']:.3f}" if s in v and v.get("greedy") else "-" for s in others]
+        body.append(line)
+    return (
+        "### Decoding with sampling\n\nGenerated tokens per second of `llama-completion` (eval + sampling time, "
+        "median of the repetitions), and each setup relative to greedy decoding of the same build.\n\n"
+        + md_table(headers, body, ["l", "l"] + ["r"] * (len(headers) - 2))
+        + "\n"
+    )
+
+
 def sampler_section(rows: list[dict[str, Any]]) -> str:
     """Sampler latencies (median us per call) pivoted by device, vocabulary and rows, with speedups."""
     cells: dict[tuple[str, int, int], dict[tuple[str, str], float]] = {}
@@ -589,11 +623,13 @@ def build_report(
         heading = f"## {group.title}" if len(groups) > 1 else "## Environment"
         parts += [heading, "", environment_block(group), ""]
         sampler = [r for r in f if SAMPLER_METRIC.match(r["metric"])]
-        others = [r for r in f if not SAMPLER_METRIC.match(r["metric"])]
+        decode = [r for r in f if DECODE_METRIC.match(r["metric"])]
+        others = [r for r in f if not SAMPLER_METRIC.match(r["metric"]) and not DECODE_METRIC.match(r["metric"])]
         sections = (
             bench_section(b, baseline, candidate),
             ppl_section(p),
             sampler_section(sampler),
+            decode_section(decode),
             feature_section(others),
         )
         for section in sections:
