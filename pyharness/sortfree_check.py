@@ -169,28 +169,49 @@ def _load(lib_dir: Path, name: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CD
 
 
 class OpDriver:
-    """ggml_sample_sortfree on the CPU backend of a build (libggml-base + libggml-cpu)."""
+    """ggml_sample_sortfree on a ggml backend of a build: "CPU" (CI), or "CUDA0" on a CUDA build (the H100)."""
 
-    def __init__(self, lib_dir: Path, n_threads: int = 2) -> None:
-        self.base = _load(lib_dir, "ggml-base")
-        self.cpu = _load(lib_dir, "ggml-cpu")
-        if not hasattr(self.base, "ggml_sample_sortfree"):
+    def __init__(self, lib_dir: Path, backend: str = "CPU", n_threads: int = 2) -> None:
+        _load(lib_dir, "ggml-base")
+        # libggml's handle resolves its own symbols (the backend registry) and those of libggml-base
+        self.lib = b = _load(lib_dir, "ggml")
+        if not hasattr(b, "ggml_sample_sortfree"):
             raise HarnessError(f"{lib_dir} has no ggml_sample_sortfree", "use the patched variant's build")
-        vp, i64, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
-        b = self.base
-        b.ggml_init.restype, b.ggml_init.argtypes = vp, [_InitParams]
-        b.ggml_free.argtypes = [vp]
-        b.ggml_new_tensor_2d.restype, b.ggml_new_tensor_2d.argtypes = vp, [vp, ctypes.c_int, i64, i64]
-        b.ggml_new_tensor_1d.restype, b.ggml_new_tensor_1d.argtypes = vp, [vp, ctypes.c_int, i64]
-        b.ggml_view_2d.restype, b.ggml_view_2d.argtypes = vp, [vp, vp, i64, i64, sz, sz]
-        b.ggml_sample_sortfree.restype = vp
-        b.ggml_sample_sortfree.argtypes = [vp, vp, vp, ctypes.c_float, ctypes.c_int32, ctypes.c_float, ctypes.c_float]
-        b.ggml_new_graph.restype, b.ggml_new_graph.argtypes = vp, [vp]
-        b.ggml_build_forward_expand.argtypes = [vp, vp]
-        b.ggml_get_data.restype, b.ggml_get_data.argtypes = vp, [vp]
-        self.cpu.ggml_graph_compute_with_ctx.restype = ctypes.c_int
-        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
-        self.n_threads = n_threads
+        vp, i64, sz, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t, ctypes.c_float
+        for name, res, args in (
+            ("ggml_init", vp, [_InitParams]),
+            ("ggml_free", None, [vp]),
+            ("ggml_new_tensor_1d", vp, [vp, ctypes.c_int, i64]),
+            ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, i64, i64]),
+            ("ggml_sample_sortfree", vp, [vp, vp, vp, f, ctypes.c_int32, f, f]),
+            ("ggml_new_graph", vp, [vp]),
+            ("ggml_build_forward_expand", None, [vp, vp]),
+            ("ggml_backend_init_by_name", vp, [ctypes.c_char_p, ctypes.c_char_p]),
+            ("ggml_backend_free", None, [vp]),
+            ("ggml_backend_get_device", vp, [vp]),
+            ("ggml_backend_dev_backend_reg", vp, [vp]),
+            ("ggml_backend_reg_get_proc_address", vp, [vp, ctypes.c_char_p]),
+            ("ggml_backend_alloc_ctx_tensors", vp, [vp, vp]),
+            ("ggml_backend_buffer_free", None, [vp]),
+            ("ggml_backend_tensor_set", None, [vp, vp, sz, sz]),
+            ("ggml_backend_tensor_get", None, [vp, vp, sz, sz]),
+            ("ggml_backend_graph_compute", ctypes.c_int, [vp, vp]),
+        ):
+            fn = getattr(b, name)
+            fn.restype, fn.argtypes = res, args
+        self.backend = b.ggml_backend_init_by_name(backend.encode(), None)
+        if not self.backend:
+            raise HarnessError(f"no ggml backend named {backend!r} in {lib_dir}", "use CPU, or CUDA0 on a CUDA build")
+        dev = b.ggml_backend_get_device(self.backend)
+        reg = b.ggml_backend_dev_backend_reg(dev) if dev else None
+        set_threads = b.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads") if reg else None
+        if set_threads:
+            ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(self.backend, n_threads)
+
+    def __del__(self) -> None:
+        if getattr(self, "backend", None):
+            self.lib.ggml_backend_free(self.backend)
+            self.backend = None
 
     def sample(self, logits: np.ndarray, uniforms: np.ndarray, sp: SamplerParams) -> np.ndarray:
         """One token per row of uniforms ([rows, n_uniforms]); every row samples the same logits."""
@@ -198,36 +219,43 @@ class OpDriver:
         uniforms = np.ascontiguousarray(uniforms, dtype=np.float32)
         rows, n_u = uniforms.shape
         n = logits.size
-        work = self.n_threads * (24 * n + 8 * (n // 256 + 1) + 4096) + (1 << 20)
-        mem = uniforms.nbytes + rows * 4 + work + (1 << 20)
-        b = self.base
-        ctx = b.ggml_init(_InitParams(mem, None, False))
-        # every row reads the same logits: a [n, rows] tensor whose rows all point at the one array (stride 0),
-        # made in a context that allocates nothing (a ggml view may not be larger than its source)
-        ctx_l = b.ggml_init(_InitParams(1 << 16, None, True))
-        if not ctx or not ctx_l:
-            raise HarnessError(f"ggml_init failed for {mem} bytes", "use fewer rows per call")
+        b = self.lib
+        ctx = b.ggml_init(_InitParams(1 << 20, None, True))
+        # every row reads the same logits: a [n, rows] tensor whose rows all point at one backend array (stride 0),
+        # made in a context that is never allocated (a ggml view may not be larger than its source)
+        ctx_v = b.ggml_init(_InitParams(1 << 16, None, True))
+        buf = None
+        if not ctx or not ctx_v:
+            raise HarnessError("ggml_init failed", "free memory")
         try:
-            rows_view = b.ggml_new_tensor_2d(ctx_l, GGML_TYPE_F32, n, rows)
-            t = ctypes.cast(rows_view, ctypes.POINTER(_Tensor)).contents
-            if (t.type, t.ne[0], t.ne[1], t.nb[0], t.nb[1], t.data) != (GGML_TYPE_F32, n, rows, 4, 4 * n, None):
-                raise HarnessError("struct ggml_tensor does not have the layout this checker expects", "update _Tensor")
-            t.data = logits.ctypes.data
-            t.nb[1] = t.nb[2] = t.nb[3] = 0
+            lt = b.ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n)
+            rows_view = b.ggml_new_tensor_2d(ctx_v, GGML_TYPE_F32, n, rows)
             ut = b.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_u, rows)
-            ctypes.memmove(b.ggml_get_data(ut), uniforms.ctypes.data, uniforms.nbytes)
             out = b.ggml_sample_sortfree(ctx, rows_view, ut, sp.temp, sp.top_k, sp.top_p, sp.min_p)
             gf = b.ggml_new_graph(ctx)
             b.ggml_build_forward_expand(gf, out)
-            status = self.cpu.ggml_graph_compute_with_ctx(ctx, gf, self.n_threads)
+            buf = b.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
+            if not buf:
+                raise HarnessError(f"could not allocate {rows} rows on the backend", "use fewer rows per call")
+            src = ctypes.cast(lt, ctypes.POINTER(_Tensor)).contents
+            t = ctypes.cast(rows_view, ctypes.POINTER(_Tensor)).contents
+            if (t.type, t.ne[0], t.ne[1], t.nb[0], t.nb[1], t.data) != (GGML_TYPE_F32, n, rows, 4, 4 * n, None):
+                raise HarnessError("struct ggml_tensor does not have the layout this checker expects", "update _Tensor")
+            t.data, t.buffer = src.data, src.buffer
+            t.nb[1] = t.nb[2] = t.nb[3] = 0
+            b.ggml_backend_tensor_set(lt, logits.ctypes.data, 0, logits.nbytes)
+            b.ggml_backend_tensor_set(ut, uniforms.ctypes.data, 0, uniforms.nbytes)
+            status = b.ggml_backend_graph_compute(self.backend, gf)
             if status != 0:
-                raise HarnessError(f"ggml_graph_compute_with_ctx returned {status}", "see stderr")
+                raise HarnessError(f"ggml_backend_graph_compute returned {status}", "see stderr")
             res = np.empty(rows, dtype=np.int32)
-            ctypes.memmove(res.ctypes.data, b.ggml_get_data(out), res.nbytes)
+            b.ggml_backend_tensor_get(out, res.ctypes.data, 0, res.nbytes)
             return res
         finally:
+            if buf:
+                b.ggml_backend_buffer_free(buf)
             b.ggml_free(ctx)
-            b.ggml_free(ctx_l)
+            b.ggml_free(ctx_v)
 
     def draw(self, logits: np.ndarray, sp: SamplerParams, n_samples: int, seed: int, batch: int = 20000) -> np.ndarray:
         rng = np.random.default_rng(seed)

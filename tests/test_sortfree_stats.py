@@ -4,6 +4,7 @@ wrong sampler that the same test rejects."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from pyharness.sortfree_check import ChiSquare, OpDriver, SamplerDriver, Sampler
 from tests.conftest import ROOT
 
 N_SAMPLES = 200_000
-LIB_DIR = ROOT / "build" / "patched-cpu" / "bin"
+# the build and the ggml backend the op runs on: the CPU in CI; on the H100 (scripts/gpu-check sampler-stats)
+# PYHARNESS_SAMPLER_LIB=build/patched-cuda/bin PYHARNESS_SAMPLER_BACKEND=CUDA0
+LIB_DIR = Path(os.environ.get("PYHARNESS_SAMPLER_LIB", ROOT / "build" / "patched-cpu" / "bin"))
+BACKEND = os.environ.get("PYHARNESS_SAMPLER_BACKEND", "CPU")
 
 
 def logits_for(kind: str, vocab: int, seed: int) -> np.ndarray:
@@ -64,7 +68,7 @@ def ids(configs: list[tuple[str, int, SamplerParams]]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def op() -> OpDriver:
-    return OpDriver(LIB_DIR)
+    return OpDriver(LIB_DIR, BACKEND)
 
 
 @pytest.fixture(scope="module")
