@@ -31,10 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from pyharness.errors import HarnessError
+from pyharness.ggml_ctypes import (
+    GGML_TYPE_F32,
+    N_UNIFORMS,
+    InitParams,
+    TokenData,
+    TokenDataArray,
+    load_library,
+    set_backend_threads,
+)
 
 MODES = ("chain", "sortfree", "backend-chain", "backend-sortfree", "op")
-GGML_TYPE_F32 = 0
-N_UNIFORMS = 33
 
 
 @dataclass
@@ -51,19 +58,6 @@ class BenchConfig:
     backend: str = "CPU"
     threads: int = 1  # threads of a CPU backend (backend modes)
     seed: int = 1234
-
-
-class _TokenData(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int32), ("logit", ctypes.c_float), ("p", ctypes.c_float)]
-
-
-class _TokenDataArray(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.POINTER(_TokenData)),
-        ("size", ctypes.c_size_t),
-        ("selected", ctypes.c_int64),
-        ("sorted", ctypes.c_bool),
-    ]
 
 
 class _SamplerData(ctypes.Structure):
@@ -98,24 +92,14 @@ class _Sampler(ctypes.Structure):
     _fields_ = [("iface", ctypes.POINTER(_SamplerI)), ("ctx", ctypes.c_void_p)]
 
 
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
 class Libs:
     """libggml-base, libggml and libllama of one build, with the signatures this module calls."""
 
     def __init__(self, lib_dir: Path) -> None:
-        def load(name: str) -> ctypes.CDLL:
-            path = lib_dir / f"lib{name}.so"
-            if not path.is_file():
-                raise HarnessError(f"{path} does not exist", "build the variant first (pyharness build)")
-            return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-
-        load("ggml-base")
+        load_library(lib_dir, "ggml-base")
         # libggml's handle resolves its own symbols (the backend registry) and those of libggml-base
-        self.base = self.ggml = load("ggml")
-        self.llama = load("llama")
+        self.base = self.ggml = load_library(lib_dir, "ggml")
+        self.llama = load_library(lib_dir, "llama")
         vp, i64, f, i32, u32, sz = (
             ctypes.c_void_p,
             ctypes.c_int64,
@@ -125,7 +109,7 @@ class Libs:
             ctypes.c_size_t,
         )
         sig = {
-            (self.base, "ggml_init"): (vp, [_InitParams]),
+            (self.base, "ggml_init"): (vp, [InitParams]),
             (self.base, "ggml_free"): (None, [vp]),
             (self.base, "ggml_new_tensor_2d"): (vp, [vp, ctypes.c_int, i64, i64]),
             (self.base, "ggml_view_1d"): (vp, [vp, vp, i64, sz]),
@@ -144,9 +128,6 @@ class Libs:
             (self.base, "ggml_backend_synchronize"): (None, [vp]),
             (self.base, "ggml_backend_free"): (None, [vp]),
             (self.base, "ggml_backend_init_by_name"): (vp, [ctypes.c_char_p, ctypes.c_char_p]),
-            (self.base, "ggml_backend_get_device"): (vp, [vp]),
-            (self.base, "ggml_backend_dev_backend_reg"): (vp, [vp]),
-            (self.base, "ggml_backend_reg_get_proc_address"): (vp, [vp, ctypes.c_char_p]),
             (self.llama, "llama_backend_init"): (None, []),
             (self.llama, "llama_sampler_chain_init"): (vp, [ctypes.c_bool]),
             (self.llama, "llama_sampler_chain_add"): (None, [vp, vp]),
@@ -155,7 +136,7 @@ class Libs:
             (self.llama, "llama_sampler_init_min_p"): (vp, [f, sz]),
             (self.llama, "llama_sampler_init_temp"): (vp, [f]),
             (self.llama, "llama_sampler_init_dist"): (vp, [u32]),
-            (self.llama, "llama_sampler_apply"): (None, [vp, ctypes.POINTER(_TokenDataArray)]),
+            (self.llama, "llama_sampler_apply"): (None, [vp, ctypes.POINTER(TokenDataArray)]),
             (self.llama, "llama_sampler_free"): (None, [vp]),
         }
         for (lib, name), (res, args) in sig.items():
@@ -199,11 +180,11 @@ def bench_cpu(libs: Libs, cfg: BenchConfig) -> list[float]:
     logits = logits_rows(cfg)[0]
     ids = np.arange(cfg.vocab, dtype=np.int32)
     n = cfg.vocab
-    data = (_TokenData * n)()
+    data = (TokenData * n)()
     # the token array is filled field by field before every call, as common_sampler fills it from the logits
     # (plain stores: a memmove of this size would use non-temporal stores and leave the array out of the cache)
     view = np.frombuffer(data, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
-    arr = _TokenDataArray(data, n, -1, False)
+    arr = TokenDataArray(data, n, -1, False)
     ref = ctypes.byref(arr)
     smpl = make_sampler(libs, cfg, cfg.mode == "sortfree")
     apply = libs.llama.llama_sampler_apply
@@ -232,14 +213,10 @@ def bench_backend(libs: Libs, cfg: BenchConfig) -> list[float]:
     if not backend:
         raise HarnessError(f"no ggml backend named {cfg.backend!r} in this build", "use CPU, or CUDA0 on a CUDA build")
     buft = b.ggml_backend_get_default_buffer_type(backend)
-    dev = b.ggml_backend_get_device(backend)
-    reg = b.ggml_backend_dev_backend_reg(dev) if dev else None
-    set_threads = b.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads") if reg else None
-    if set_threads:  # CPU-like backends
-        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(backend, cfg.threads)
+    set_backend_threads(b, backend, cfg.threads)
     n_nodes = 64 * cfg.rows + 64
     mem = b.ggml_tensor_overhead() * 4 * n_nodes + b.ggml_graph_overhead_custom(n_nodes, False)
-    ctx = b.ggml_init(_InitParams(mem, None, True))
+    ctx = b.ggml_init(InitParams(mem, None, True))
     samplers: list[int] = []
     galloc = None
     try:

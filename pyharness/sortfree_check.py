@@ -19,9 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from pyharness.errors import HarnessError
+from pyharness.ggml_ctypes import (
+    GGML_TYPE_F32,
+    N_UNIFORMS,
+    InitParams,
+    Tensor,
+    TokenData,
+    TokenDataArray,
+    load_library,
+    set_backend_threads,
+)
 
-N_UNIFORMS = 33  # GGML_SAMPLE_SORTFREE_N_UNIFORMS
-GGML_TYPE_F32 = 0
 FLT_MIN = np.finfo(np.float32).tiny
 
 
@@ -123,63 +131,18 @@ def chi_square(samples: np.ndarray, probs: np.ndarray) -> ChiSquare:
 # ctypes drivers
 
 
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
-
-
-class _Tensor(ctypes.Structure):
-    """struct ggml_tensor (ggml.h), the fields up to `data`; checked against a real tensor before use."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * 10),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-    ]
-
-
-class _TokenData(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int32), ("logit", ctypes.c_float), ("p", ctypes.c_float)]
-
-
-class _TokenDataArray(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.POINTER(_TokenData)),
-        ("size", ctypes.c_size_t),
-        ("selected", ctypes.c_int64),
-        ("sorted", ctypes.c_bool),
-    ]
-
-
-def _load(lib_dir: Path, name: str, mode: int = ctypes.RTLD_GLOBAL) -> ctypes.CDLL:
-    path = lib_dir / f"lib{name}.so"
-    if not path.is_file():
-        raise HarnessError(
-            f"{path} does not exist",
-            "build the patched variant first: pyharness build --variant patched --backend cpu",
-        )
-    return ctypes.CDLL(str(path), mode=mode)
-
-
 class OpDriver:
     """ggml_sample_sortfree on a ggml backend of a build: "CPU" (CI), or "CUDA0" on a CUDA build (the H100)."""
 
     def __init__(self, lib_dir: Path, backend: str = "CPU", n_threads: int = 2) -> None:
-        _load(lib_dir, "ggml-base")
+        load_library(lib_dir, "ggml-base")
         # libggml's handle resolves its own symbols (the backend registry) and those of libggml-base
-        self.lib = b = _load(lib_dir, "ggml")
+        self.lib = b = load_library(lib_dir, "ggml")
         if not hasattr(b, "ggml_sample_sortfree"):
             raise HarnessError(f"{lib_dir} has no ggml_sample_sortfree", "use the patched variant's build")
         vp, i64, sz, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t, ctypes.c_float
         for name, res, args in (
-            ("ggml_init", vp, [_InitParams]),
+            ("ggml_init", vp, [InitParams]),
             ("ggml_free", None, [vp]),
             ("ggml_new_tensor_1d", vp, [vp, ctypes.c_int, i64]),
             ("ggml_new_tensor_2d", vp, [vp, ctypes.c_int, i64, i64]),
@@ -188,9 +151,6 @@ class OpDriver:
             ("ggml_build_forward_expand", None, [vp, vp]),
             ("ggml_backend_init_by_name", vp, [ctypes.c_char_p, ctypes.c_char_p]),
             ("ggml_backend_free", None, [vp]),
-            ("ggml_backend_get_device", vp, [vp]),
-            ("ggml_backend_dev_backend_reg", vp, [vp]),
-            ("ggml_backend_reg_get_proc_address", vp, [vp, ctypes.c_char_p]),
             ("ggml_backend_alloc_ctx_tensors", vp, [vp, vp]),
             ("ggml_backend_buffer_free", None, [vp]),
             ("ggml_backend_tensor_set", None, [vp, vp, sz, sz]),
@@ -202,11 +162,7 @@ class OpDriver:
         self.backend = b.ggml_backend_init_by_name(backend.encode(), None)
         if not self.backend:
             raise HarnessError(f"no ggml backend named {backend!r} in {lib_dir}", "use CPU, or CUDA0 on a CUDA build")
-        dev = b.ggml_backend_get_device(self.backend)
-        reg = b.ggml_backend_dev_backend_reg(dev) if dev else None
-        set_threads = b.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads") if reg else None
-        if set_threads:
-            ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int)(set_threads)(self.backend, n_threads)
+        set_backend_threads(b, self.backend, n_threads)
 
     def __del__(self) -> None:
         if getattr(self, "backend", None):
@@ -220,10 +176,10 @@ class OpDriver:
         rows, n_u = uniforms.shape
         n = logits.size
         b = self.lib
-        ctx = b.ggml_init(_InitParams(1 << 20, None, True))
+        ctx = b.ggml_init(InitParams(1 << 20, None, True))
         # every row reads the same logits: a [n, rows] tensor whose rows all point at one backend array (stride 0),
         # made in a context that is never allocated (a ggml view may not be larger than its source)
-        ctx_v = b.ggml_init(_InitParams(1 << 16, None, True))
+        ctx_v = b.ggml_init(InitParams(1 << 16, None, True))
         buf = None
         if not ctx or not ctx_v:
             raise HarnessError("ggml_init failed", "free memory")
@@ -237,10 +193,13 @@ class OpDriver:
             buf = b.ggml_backend_alloc_ctx_tensors(ctx, self.backend)
             if not buf:
                 raise HarnessError(f"could not allocate {rows} rows on the backend", "use fewer rows per call")
-            src = ctypes.cast(lt, ctypes.POINTER(_Tensor)).contents
-            t = ctypes.cast(rows_view, ctypes.POINTER(_Tensor)).contents
+            src = ctypes.cast(lt, ctypes.POINTER(Tensor)).contents
+            t = ctypes.cast(rows_view, ctypes.POINTER(Tensor)).contents
             if (t.type, t.ne[0], t.ne[1], t.nb[0], t.nb[1], t.data) != (GGML_TYPE_F32, n, rows, 4, 4 * n, None):
-                raise HarnessError("struct ggml_tensor does not have the layout this checker expects", "update _Tensor")
+                raise HarnessError(
+                    "struct ggml_tensor does not have the layout this checker expects",
+                    "update pyharness.ggml_ctypes.Tensor",
+                )
             t.data, t.buffer = src.data, src.buffer
             t.nb[1] = t.nb[2] = t.nb[3] = 0
             b.ggml_backend_tensor_set(lt, logits.ctypes.data, 0, logits.nbytes)
@@ -270,9 +229,9 @@ class SamplerDriver:
     """llama_sampler_init_sortfree + llama_sampler_apply from a build's libllama (the CPU path)."""
 
     def __init__(self, lib_dir: Path) -> None:
-        _load(lib_dir, "ggml-base")
-        _load(lib_dir, "ggml")
-        self.llama = _load(lib_dir, "llama")
+        load_library(lib_dir, "ggml-base")
+        load_library(lib_dir, "ggml")
+        self.llama = load_library(lib_dir, "llama")
         if not hasattr(self.llama, "llama_sampler_init_sortfree"):
             raise HarnessError(f"{lib_dir}/libllama.so has no llama_sampler_init_sortfree", "use the patched build")
         lib = self.llama
@@ -286,15 +245,15 @@ class SamplerDriver:
             ctypes.c_float,
             ctypes.c_uint32,
         ]
-        lib.llama_sampler_apply.argtypes = [ctypes.c_void_p, ctypes.POINTER(_TokenDataArray)]
+        lib.llama_sampler_apply.argtypes = [ctypes.c_void_p, ctypes.POINTER(TokenDataArray)]
         lib.llama_sampler_free.argtypes = [ctypes.c_void_p]
 
     def draw(self, logits: np.ndarray, sp: SamplerParams, n_samples: int, seed: int) -> np.ndarray:
         n = logits.size
-        data = (_TokenData * n)()
+        data = (TokenData * n)()
         for i, v in enumerate(np.asarray(logits, dtype=np.float32).tolist()):
             data[i].id, data[i].logit, data[i].p = i, v, 0.0
-        arr = _TokenDataArray(data, n, -1, False)
+        arr = TokenDataArray(data, n, -1, False)
         ref = ctypes.byref(arr)
         smpl = self.llama.llama_sampler_init_sortfree(sp.temp, sp.top_k, sp.top_p, sp.min_p, seed)
         apply = self.llama.llama_sampler_apply

@@ -223,7 +223,8 @@ def test_interrupted_matrix_resumes_and_a_second_run_does_nothing(
                 "SELECT json_extract(r.params, '$.cache_type_k'), k.kld_mean FROM kld k JOIN runs r USING (run_id)"
             )
         )
-        assert by_kv["f16"] == 0.0 and by_kv["q8_0"] > 0.0
+        # identical up to the CPU flash-attention's thread-dependent summation order (~1e-6 under load)
+        assert by_kv["f16"] < 1e-4 and by_kv["q8_0"] > by_kv["f16"]
         same = store.conn.execute(
             "SELECT k.same_top_pct FROM kld k JOIN runs r USING (run_id) "
             "WHERE json_extract(r.params, '$.cache_type_k') = 'f16'"

@@ -47,6 +47,19 @@ class Execution:
     timed_out: bool = False
     other_cpu: float | None = None  # share of the machine's CPU time used by other processes while this ran
 
+    def fields(self) -> dict[str, Any]:
+        """The `runs` columns this execution fills: command, streams, times, exit code, machine load."""
+        return {
+            "command": self.command,
+            "stdout": self.stdout,
+            "stderr": self.stderr,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration_s": self.seconds,
+            "exit_code": self.returncode,
+            "other_cpu": self.other_cpu,
+        }
+
     def last_error_line(self) -> str:
         for stream in (self.stderr, self.stdout):
             lines = [ln.strip() for ln in stream.splitlines() if ln.strip()]

@@ -251,17 +251,7 @@ def run_bench(ctx: RunContext, params: BenchParams) -> RunRecord:
 
 def bench_record(fields: dict[str, Any], exe: Execution) -> RunRecord:
     """The record of a finished llama-bench process: 'ok' with every test and sample, or 'failed' with the reason."""
-    fields = {
-        **fields,
-        "command": exe.command,
-        "stdout": exe.stdout,
-        "stderr": exe.stderr,
-        "started_at": exe.started_at,
-        "finished_at": exe.finished_at,
-        "duration_s": exe.seconds,
-        "exit_code": exe.returncode,
-        "other_cpu": exe.other_cpu,
-    }
+    fields = {**fields, **exe.fields()}
     if exe.timed_out:
         fields.update(status="failed", error=f"timed out after {exe.seconds:.0f} s")
         return RunRecord(fields=fields)
@@ -316,16 +306,7 @@ def run_backend_ops(ctx: RunContext, params: OpsParams) -> RunRecord:
         **provenance_fields(ctx),
     }
     exe = execute(cmd, env=tool_env(ctx.build), timeout_s=ctx.timeout_s, echo=ctx.echo)
-    fields.update(
-        command=exe.command,
-        stdout=exe.stdout,
-        stderr=exe.stderr,
-        started_at=exe.started_at,
-        finished_at=exe.finished_at,
-        duration_s=exe.seconds,
-        exit_code=exe.returncode,
-        other_cpu=exe.other_cpu,
-    )
+    fields.update(exe.fields())
     if exe.returncode != 0 or exe.timed_out:
         fields.update(status="failed", error=f"test-backend-ops exited {exe.returncode}: {exe.last_error_line()}")
         return RunRecord(fields=fields)

@@ -462,17 +462,7 @@ def run_perplexity(ctx: RunContext, req: PplRequest) -> RunRecord:
 
 def perplexity_record(fields: dict[str, Any], exe: Execution, params: PplParams, base: BaseLogits | None) -> RunRecord:
     """The record of a finished llama-perplexity process: 'ok' with its parsed numbers, or 'failed' with the reason."""
-    fields = {
-        **fields,
-        "command": exe.command,
-        "stdout": exe.stdout,
-        "stderr": exe.stderr,
-        "started_at": exe.started_at,
-        "finished_at": exe.finished_at,
-        "duration_s": exe.seconds,
-        "exit_code": exe.returncode,
-        "other_cpu": exe.other_cpu,
-    }
+    fields = {**fields, **exe.fields()}
     if exe.timed_out:
         fields.update(status="failed", error=f"timed out after {exe.seconds:.0f} s")
         return RunRecord(fields=fields)

@@ -80,16 +80,7 @@ def run_sampler_bench(ctx: RunContext, params: SamplerBenchParams) -> RunRecord:
         root = str(Path(__file__).resolve().parents[2])
         env = {**tool_env(ctx.build), "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         exe = execute(cmd, env=env, timeout_s=ctx.timeout_s, echo=ctx.echo)
-    fields.update(
-        command=exe.command,
-        stdout=exe.stdout,
-        stderr=exe.stderr,
-        started_at=exe.started_at,
-        finished_at=exe.finished_at,
-        duration_s=exe.seconds,
-        exit_code=exe.returncode,
-        other_cpu=exe.other_cpu,
-    )
+    fields.update(exe.fields())
     if exe.returncode != 0 or exe.timed_out:
         fields.update(status="failed", error=f"sampler_bench exited {exe.returncode}: {exe.last_error_line()}")
         return RunRecord(fields=fields)
