@@ -227,9 +227,12 @@ def description(feature: Feature, base: str, stages: list[Stage], repo: Path, db
         "## Use of AI tools",
         "",
         "This change was written with the help of an AI coding assistant (code, tests and this description), "
-        "working inside the pyharness project. A human author has reviewed every line, can explain it, and takes "
-        "responsibility for it, as llama.cpp's CONTRIBUTING.md requires. All numbers above were produced by the "
-        "harness's own runs and read from its results store; none were typed by hand.",
+        "working inside the pyharness project. All numbers above were produced by the harness's own runs and read "
+        "from its results store; none were typed by hand.",
+        "",
+        "<!-- Before opening the PR: llama.cpp's CONTRIBUTING.md requires the human submitting it to have reviewed "
+        "every line, to be able to explain it, and to take responsibility for it. Replace this comment with a "
+        "sentence saying that you did, or do not submit. -->",
         "",
     ]
     return "\n".join(lines)
