@@ -39,6 +39,20 @@ File format
     ops = "FLASH_ATTN_EXT"
     params = "hsk=64"
 
+    [[eval]]
+    kind = "sampler"                    # per-call sampling latency (pyharness.sampler_bench; once per build)
+    modes = ["chain", "sortfree", "op", "backend-chain", "backend-sortfree"]
+    vocab = [151936]
+    rows = [1]                          # rows of logits sampled per call (backend modes and op)
+    temp = 0.8, top_k = 40, top_p = 0.9, min_p = 0.0, iters = 200
+    backend_name = "CPU"                # or "CUDA0"; threads = 1 for a CPU backend
+
+    [[eval]]
+    kind = "decode"                     # llama-completion tokens/s per sampler setup (eval + sampling time)
+    samplers = ["greedy", "chain", "chain-bs", "sortfree", "sortfree-bs"]
+    n_gen = 128
+    repetitions = 3
+
     [[exclude]]                         # drop the cells matching every key given
     variant = "upstream"
     extra = ["--flag"]
