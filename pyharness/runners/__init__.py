@@ -296,6 +296,18 @@ def provenance_fields(ctx: RunContext) -> dict[str, Any]:
     }
 
 
+def run_fields(kind: str, ctx: RunContext, stored: Mapping[str, Any], chash: str | None = None) -> dict[str, Any]:
+    """The `runs` columns every run starts with: kind, configuration hash, parameters and provenance."""
+    chash = chash or config_hash(kind, ctx.build, ctx.host, ctx.model, stored)
+    return {
+        "kind": kind,
+        "config_hash": chash,
+        "config": {"kind": kind, "params": dict(stored)},
+        "params": dict(stored),
+        **provenance_fields(ctx),
+    }
+
+
 def tool_env(build: BuildInfo) -> dict[str, str]:
     """Make the build's own shared libraries win over any others on the loader path."""
     lib = str(build.bin_dir)

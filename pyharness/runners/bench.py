@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pyharness.errors import HarnessError
-from pyharness.runners import Execution, RunContext, config_hash, execute, provenance_fields, tool_env
+from pyharness.runners import Execution, RunContext, config_hash, execute, run_fields, tool_env
 from pyharness.runners.perplexity import check_kv_fa, check_kv_type, normalize_fa
 from pyharness.store import LLAMA_BENCH_COLUMNS, TEST_BACKEND_OPS_COLUMNS, BenchTest, RunRecord
 
@@ -238,13 +238,7 @@ def run_bench(ctx: RunContext, params: BenchParams) -> RunRecord:
     chash, stored = bench_config(ctx, params)
     tool = ctx.build.tool("llama-bench")
     cmd = [str(tool), "-m", str(ctx.model.path), *params.args(), "-o", "jsonl"]
-    fields: dict[str, Any] = {
-        "kind": "bench",
-        "config_hash": chash,
-        "config": {"kind": "bench", "params": stored},
-        "params": stored,
-        **provenance_fields(ctx),
-    }
+    fields = run_fields("bench", ctx, stored, chash)
     exe = execute(cmd, env=tool_env(ctx.build), timeout_s=ctx.timeout_s, echo=ctx.echo)
     return bench_record(fields, exe)
 
@@ -294,17 +288,9 @@ def run_backend_ops(ctx: RunContext, params: OpsParams) -> RunRecord:
     """Run test-backend-ops once with `--output sql`; its rows go to the upstream `test_backend_ops` table."""
     if params.mode not in ("perf", "test"):
         raise HarnessError(f"test-backend-ops mode {params.mode!r} is not stored", "use perf or test")
-    stored = asdict(params)
-    chash = config_hash("ops", ctx.build, ctx.host, ctx.model, stored)
     tool = ctx.build.tool("test-backend-ops")
     cmd = [str(tool), *params.args()]
-    fields: dict[str, Any] = {
-        "kind": "ops",
-        "config_hash": chash,
-        "config": {"kind": "ops", "params": stored},
-        "params": stored,
-        **provenance_fields(ctx),
-    }
+    fields = run_fields("ops", ctx, asdict(params))
     exe = execute(cmd, env=tool_env(ctx.build), timeout_s=ctx.timeout_s, echo=ctx.echo)
     fields.update(exe.fields())
     if exe.returncode != 0 or exe.timed_out:

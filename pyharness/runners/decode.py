@@ -21,7 +21,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pyharness.runners import RunContext, config_hash, execute, provenance_fields, tool_env
+from pyharness.runners import RunContext, execute, run_fields, tool_env
 from pyharness.store import FeatureEval, RunRecord
 
 FEATURE = "sortfree-sampler"
@@ -70,15 +70,7 @@ def parse_timings(stderr: str) -> tuple[float, int, float]:
 
 
 def run_decode(ctx: RunContext, params: DecodeParams) -> RunRecord:
-    stored = asdict(params)
-    chash = config_hash("decode", ctx.build, ctx.host, ctx.model, stored)
-    fields: dict[str, Any] = {
-        "kind": "decode",
-        "config_hash": chash,
-        "config": {"kind": "decode", "params": stored},
-        "params": stored,
-        **provenance_fields(ctx),
-    }
+    fields = run_fields("decode", ctx, asdict(params))
     tool = str(ctx.build.tool("llama-completion"))
     helptext = execute([tool, "--help"], env=tool_env(ctx.build), timeout_s=60).stdout
     has_sortfree = "--sampler-kernel" in helptext

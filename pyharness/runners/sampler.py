@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyharness.runners import RunContext, config_hash, execute, provenance_fields, tool_env
+from pyharness.runners import RunContext, execute, run_fields, tool_env
 from pyharness.store import FeatureEval, RunRecord
 
 FEATURE = "sortfree-sampler"
@@ -63,15 +63,7 @@ def metric_name(result: dict[str, Any]) -> str:
 
 
 def run_sampler_bench(ctx: RunContext, params: SamplerBenchParams) -> RunRecord:
-    stored = asdict(params)
-    chash = config_hash("sampler", ctx.build, ctx.host, ctx.model, stored)
-    fields: dict[str, Any] = {
-        "kind": "sampler",
-        "config_hash": chash,
-        "config": {"kind": "sampler", "params": stored},
-        "params": stored,
-        **provenance_fields(ctx),
-    }
+    fields = run_fields("sampler", ctx, asdict(params))
     with tempfile.TemporaryDirectory(prefix="pyharness-sampler-") as tmp:
         batch = Path(tmp) / "configs.json"
         batch.write_text(json.dumps(params.configs()))
