@@ -233,7 +233,10 @@ def apply(*, force: bool = False, root: Path | None = None) -> str:
         )
     old_tip = branch_tip(repo, PATCHED_BRANCH)
     unexported: list[str] = []
-    if old_tip and old_tip != base and not patched_in_sync(repo, patch_dir):
+    # a branch still at the tip the last apply/export recorded holds nothing of its own, even if patches/ changed
+    # since (a pull brought a new series): it is replaced; only commits made on it since are protected
+    last_tip = applied_marker(repo)[1]
+    if old_tip and old_tip != base and old_tip != last_tip and not patched_in_sync(repo, patch_dir):
         unexported = unexported_changes(repo, base, old_tip, patch_dir, entries)
         if unexported and not force:
             raise HarnessError(

@@ -86,6 +86,23 @@ def test_unexported_work_is_not_overwritten(scratch_project: Path) -> None:
     assert len(backups) == 1 and git(repo, "rev-parse", backups[0]) == tip
 
 
+def test_a_new_series_replaces_a_branch_without_work_of_its_own(scratch_project: Path) -> None:
+    """After `git pull` brings a changed series, apply replaces the branch it made itself (no --force needed)."""
+    repo = scratch_project / "vendor" / "llama.cpp"
+    apply(root=scratch_project)
+    first = read_series(scratch_project / "patches")[0]
+    patch = scratch_project / "patches" / first.file
+    patch.write_text(patch.read_text().replace("Subject: [PATCH] ", "Subject: [PATCH] (pulled) ", 1))
+    tip = apply(root=scratch_project)
+    assert "(pulled)" in git(repo, "log", "--format=%s", f"upstream..{tip}")
+    assert git(repo, "branch", "--list", f"{PATCHED_BRANCH}-backup-*") == ""
+    # but a commit made on the branch since is still protected
+    commit_a_change(repo, "ggml : local work")
+    patch.write_text(patch.read_text().replace("(pulled) ", "(pulled again) ", 1))
+    with pytest.raises(HarnessError, match="patches export"):
+        apply(root=scratch_project)
+
+
 def test_dirty_tree_is_refused(scratch_project: Path) -> None:
     repo = scratch_project / "vendor" / "llama.cpp"
     (repo / "README.md").write_text("uncommitted\n")
