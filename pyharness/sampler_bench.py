@@ -280,22 +280,6 @@ def bench_backend(libs: Libs, cfg: BenchConfig) -> list[float]:
         b.ggml_backend_free(backend)
 
 
-def run(lib_dir: Path, cfg: BenchConfig) -> dict[str, object]:
-    if cfg.mode not in MODES:
-        raise HarnessError(f"unknown mode {cfg.mode!r}", f"one of: {', '.join(MODES)}")
-    if cfg.mode in ("chain", "sortfree") and cfg.rows != 1:
-        raise HarnessError("the CPU sampler modes sample one row", "use --rows 1, or a backend mode")
-    libs = Libs(lib_dir)
-    times = bench_cpu(libs, cfg) if cfg.mode in ("chain", "sortfree") else bench_backend(libs, cfg)
-    return {
-        **asdict(cfg),
-        "median_us": statistics.median(times),
-        "mean_us": statistics.fmean(times),
-        "min_us": min(times),
-        "samples_us": [round(t, 3) for t in times],
-    }
-
-
 def unsupported(libs: Libs, mode: str) -> str:
     """Why this build cannot run the mode, or an empty string."""
     if mode in ("sortfree", "backend-sortfree", "op") and not libs.has_sortfree:
@@ -308,6 +292,10 @@ def run_batch(lib_dir: Path, configs: list[BenchConfig]) -> list[dict[str, objec
     libs = Libs(lib_dir)
     out: list[dict[str, object]] = []
     for cfg in configs:
+        if cfg.mode not in MODES:
+            raise HarnessError(f"unknown mode {cfg.mode!r}", f"one of: {', '.join(MODES)}")
+        if cfg.mode in ("chain", "sortfree") and cfg.rows != 1:
+            raise HarnessError("the CPU sampler modes sample one row", "use --rows 1, or a backend mode")
         reason = unsupported(libs, cfg.mode)
         if reason:
             out.append({**asdict(cfg), "skipped": reason})
@@ -345,7 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.mode:
             ap.error("--mode or --batch is required")
         cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k not in ("lib_dir", "batch")})
-        print(json.dumps(run(args.lib_dir, cfg)))
+        result = run_batch(args.lib_dir, [cfg])[0]
+        if "skipped" in result:
+            raise HarnessError(f"{cfg.mode}: {result['skipped']}", "use the patched variant's build")
+        print(json.dumps(result))
     except HarnessError as exc:
         print(f"sampler_bench: {exc.problem}" + (f"; {exc.fix}" if exc.fix else ""), file=sys.stderr)
         return 1

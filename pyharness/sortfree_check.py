@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,18 +264,3 @@ class SamplerDriver:
         finally:
             self.llama.llama_sampler_free(smpl)
         return out
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry for manual runs
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("lib_dir", type=Path)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--samples", type=int, default=200_000)
-    args = ap.parse_args(argv)
-    logits = np.random.default_rng(0).normal(0, 3, args.vocab).astype(np.float32)
-    sp = SamplerParams(0.8, 40, 0.95, 0.05)
-    res = chi_square(OpDriver(args.lib_dir).draw(logits, sp, args.samples, 1), reference_probs(logits, sp))
-    print(res, file=sys.stderr)
-    return 0 if res.passed else 1
