@@ -39,3 +39,14 @@ def test_commands_per_setup() -> None:
     chain = p.command("llama-completion", "m.gguf", "chain")
     assert chain[chain.index("--top-k") + 1] == "40" and "--sampler-kernel" not in chain
     assert set(SETUPS) == {"greedy", "chain", "chain-bs", "sortfree", "sortfree-bs"}
+
+
+def test_execution_failure_says_how() -> None:
+    from pyharness.runners import Execution
+
+    def exe(code: int, timed_out: bool = False) -> Execution:
+        return Execution(["t"], code, "", "note\nerror: no such file\n", "a", "b", 12.3, timed_out)
+
+    assert exe(0).failure("tool") is None
+    assert exe(1).failure("tool") == "tool exited 1: error: no such file"
+    assert exe(-9, timed_out=True).failure("tool") == "tool timed out after 12 s"

@@ -60,6 +60,14 @@ class Execution:
             "other_cpu": self.other_cpu,
         }
 
+    def failure(self, tool: str) -> str | None:
+        """Why the process failed (timed out, or a non-zero exit with its last error line), or None if it did not."""
+        if self.timed_out:
+            return f"{tool} timed out after {self.seconds:.0f} s"
+        if self.returncode != 0:
+            return f"{tool} exited {self.returncode}: {self.last_error_line()}"
+        return None
+
     def last_error_line(self) -> str:
         for stream in (self.stderr, self.stdout):
             lines = [ln.strip() for ln in stream.splitlines() if ln.strip()]

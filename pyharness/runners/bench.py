@@ -246,11 +246,8 @@ def run_bench(ctx: RunContext, params: BenchParams) -> RunRecord:
 def bench_record(fields: dict[str, Any], exe: Execution) -> RunRecord:
     """The record of a finished llama-bench process: 'ok' with every test and sample, or 'failed' with the reason."""
     fields = {**fields, **exe.fields()}
-    if exe.timed_out:
-        fields.update(status="failed", error=f"timed out after {exe.seconds:.0f} s")
-        return RunRecord(fields=fields)
-    if exe.returncode != 0:
-        fields.update(status="failed", error=f"llama-bench exited {exe.returncode}: {exe.last_error_line()}")
+    if error := exe.failure("llama-bench"):
+        fields.update(status="failed", error=error)
         return RunRecord(fields=fields)
     try:
         tests = parse_bench_jsonl(exe.stdout)
@@ -293,8 +290,8 @@ def run_backend_ops(ctx: RunContext, params: OpsParams) -> RunRecord:
     fields = run_fields("ops", ctx, asdict(params))
     exe = execute(cmd, env=tool_env(ctx.build), timeout_s=ctx.timeout_s, echo=ctx.echo)
     fields.update(exe.fields())
-    if exe.returncode != 0 or exe.timed_out:
-        fields.update(status="failed", error=f"test-backend-ops exited {exe.returncode}: {exe.last_error_line()}")
+    if error := exe.failure("test-backend-ops"):
+        fields.update(status="failed", error=error)
         return RunRecord(fields=fields)
     try:
         rows = parse_backend_ops_sql(exe.stdout)

@@ -90,22 +90,13 @@ def run_decode(ctx: RunContext, params: DecodeParams) -> RunRecord:
             finished = exe.finished_at
             commands.append(exe.command)
             logs.append(exe.stderr[-4000:])
-            if exe.returncode != 0 or exe.timed_out:
-                fields.update(
-                    status="failed",
-                    error=f"{setup}: llama-completion exited {exe.returncode}: {exe.last_error_line()}",
-                    command=exe.command,
-                    stdout=exe.stdout,
-                    stderr=exe.stderr,
-                    exit_code=exe.returncode,
-                    started_at=started,
-                    finished_at=finished,
-                )
-                return RunRecord(fields=fields)
             try:
+                if error := exe.failure("llama-completion"):
+                    raise ValueError(error)
                 eval_ms, runs, sampling_ms = parse_timings(exe.stderr)
             except ValueError as exc:
-                fields.update(status="failed", error=f"{setup}: {exc}", stderr=exe.stderr, command=exe.command)
+                # the failing execution's own columns, with the run's first start
+                fields.update(exe.fields(), status="failed", error=f"{setup}: {exc}", started_at=started)
                 return RunRecord(fields=fields)
             rates.append(runs / ((eval_ms + sampling_ms) / 1000.0))
         results[setup] = {"tokens_per_s": rates, "median": statistics.median(rates)}

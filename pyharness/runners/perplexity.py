@@ -463,11 +463,8 @@ def run_perplexity(ctx: RunContext, req: PplRequest) -> RunRecord:
 def perplexity_record(fields: dict[str, Any], exe: Execution, params: PplParams, base: BaseLogits | None) -> RunRecord:
     """The record of a finished llama-perplexity process: 'ok' with its parsed numbers, or 'failed' with the reason."""
     fields = {**fields, **exe.fields()}
-    if exe.timed_out:
-        fields.update(status="failed", error=f"timed out after {exe.seconds:.0f} s")
-        return RunRecord(fields=fields)
-    if exe.returncode != 0:
-        fields.update(status="failed", error=f"llama-perplexity exited {exe.returncode}: {exe.last_error_line()}")
+    if error := exe.failure("llama-perplexity"):
+        fields.update(status="failed", error=error)
         return RunRecord(fields=fields)
     try:
         ppl_row, kld_row = parse_perplexity_output(exe.stdout, exe.stderr, kld=base is not None)

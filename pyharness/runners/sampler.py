@@ -73,8 +73,8 @@ def run_sampler_bench(ctx: RunContext, params: SamplerBenchParams) -> RunRecord:
         env = {**tool_env(ctx.build), "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         exe = execute(cmd, env=env, timeout_s=ctx.timeout_s, echo=ctx.echo)
     fields.update(exe.fields())
-    if exe.returncode != 0 or exe.timed_out:
-        fields.update(status="failed", error=f"sampler_bench exited {exe.returncode}: {exe.last_error_line()}")
+    if error := exe.failure("sampler_bench"):
+        fields.update(status="failed", error=error)
         return RunRecord(fields=fields)
     try:
         results = json.loads(exe.stdout)
