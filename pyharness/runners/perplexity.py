@@ -41,8 +41,9 @@ from pyharness.store import KLD_STAT_COLUMNS, RunRecord
 from pyharness.text import cached_sha256
 
 FLASH_ATTN_MODES = ("on", "off", "auto")
-# KV cache types llama.cpp accepts for -ctk/-ctv (common/arg.cpp kv_cache_types)
-KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+# KV cache types llama.cpp accepts for -ctk/-ctv (common/arg.cpp kv_cache_types); q8_kv only in patched builds
+# with the int8-flash-attn feature (an upstream build rejects it: exclude such cells from a matrix)
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q8_kv", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 UNQUANTIZED_KV = ("f32", "f16", "bf16")
 
 NUM = r"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|nan|-?inf)"
