@@ -488,6 +488,14 @@ def _int_list(value: Any, line: int, key: str, chk: Checker, minimum: int = 0) -
     return values
 
 
+def _one_int(value: Any, line: int, key: str, chk: Checker, minimum: int = 0) -> int:
+    """A single integer; a list of several is an error (it would otherwise look like an axis that silently isn't)."""
+    values = _int_list(value, line, key, chk, minimum)
+    if len(values) > 1:
+        raise chk.fail(line, f"'{key}' takes one value, got {len(values)}", f"write one [[eval]] per value of '{key}'")
+    return values[0]
+
+
 def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]]) -> EvalSpec:
     loc = chk.loc
     header = loc.table("eval", index)
@@ -507,8 +515,8 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             )
     values: dict[str, Any] = {}
     if kind == "ppl":
-        values["ctx"] = _int_list(ev.get("ctx", 512), loc.key("eval", "ctx", index), "ctx", chk, 16)[0]
-        values["chunks"] = _int_list(ev.get("chunks", 8), loc.key("eval", "chunks", index), "chunks", chk, 1)[0]
+        values["ctx"] = _one_int(ev.get("ctx", 512), loc.key("eval", "ctx", index), "ctx", chk, 16)
+        values["chunks"] = _one_int(ev.get("chunks", 8), loc.key("eval", "chunks", index), "chunks", chk, 1)
         if "text" in ev:
             if not isinstance(ev["text"], str) or not Path(ev["text"]).expanduser().is_file():
                 raise chk.fail(loc.key("eval", "text", index), f"text file {ev['text']!r} does not exist")
@@ -544,12 +552,12 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             raise chk.fail(loc.key("eval", "samplers", index), f"samplers must be a list of: {', '.join(SETUPS)}")
         values = {
             "samplers": list(samplers),
-            "n_gen": _int_list(ev.get("n_gen", 128), loc.key("eval", "n_gen", index), "n_gen", chk, 1)[0],
+            "n_gen": _one_int(ev.get("n_gen", 128), loc.key("eval", "n_gen", index), "n_gen", chk, 1),
             "repetitions": _int_list(
                 ev.get("repetitions", 3), loc.key("eval", "repetitions", index), "repetitions", chk, 1
             )[0],
             "prompt": str(ev.get("prompt", "The history of the city begins")),
-            "ctx": _int_list(ev.get("ctx", 1024), loc.key("eval", "ctx", index), "ctx", chk, 16)[0],
+            "ctx": _one_int(ev.get("ctx", 1024), loc.key("eval", "ctx", index), "ctx", chk, 16),
         }
         name = ev.get("name") or "decode({} n{} r{})".format(
             ",".join(values["samplers"]), values["n_gen"], values["repetitions"]
@@ -564,10 +572,10 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
             "modes": list(modes),
             "vocab": _int_list(ev.get("vocab", [151936]), loc.key("eval", "vocab", index), "vocab", chk, 2),
             "rows": _int_list(ev.get("rows", [1]), loc.key("eval", "rows", index), "rows", chk, 1),
-            "iters": _int_list(ev.get("iters", 200), loc.key("eval", "iters", index), "iters", chk, 1)[0],
+            "iters": _one_int(ev.get("iters", 200), loc.key("eval", "iters", index), "iters", chk, 1),
             "top_k": int(ev.get("top_k", 40)),
             "backend_name": str(ev.get("backend_name", "CPU")),
-            "threads": _int_list(ev.get("threads", 1), loc.key("eval", "threads", index), "threads", chk, 1)[0],
+            "threads": _one_int(ev.get("threads", 1), loc.key("eval", "threads", index), "threads", chk, 1),
         }
         for key, default in (("temp", 0.8), ("top_p", 0.9), ("min_p", 0.0)):
             value = ev.get(key, default)

@@ -102,6 +102,7 @@ def test_exclude_and_extra_axis(tmp_path: Path) -> None:
         ),
         (("[flags]", "[flagz]"), "[flagz]", "unknown table or key 'flagz'"),
         (('kv = ["f16", "q8_0"]', 'kv = ["f16", "q7"]'), "kv =", "unknown KV cache type 'q7'"),
+        (("ctx = 128", "ctx = [128, 256]"), "ctx =", "'ctx' takes one value, got 2"),
     ],
 )
 def test_validation_errors_name_the_line(tmp_path: Path, edit: tuple[str, str], needle: str, message: str) -> None:
