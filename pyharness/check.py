@@ -90,6 +90,18 @@ def cuda_sources_touched(repo: Path, base: str, tip: str, tree: Path) -> list[st
     return sorted(sources)
 
 
+FATTN_VEC_INSTANCE = re.compile(r"fattn-vec-instance-([a-z0-9_]+-[a-z0-9_]+)\.cu$")
+FATTN_QUANTS_DEFAULT = "q4_0-q4_0;q8_0-q8_0;f16-f16;bf16-bf16"
+
+
+def fattn_quants_flag(sources: list[str]) -> list[str]:
+    """-DGGML_CUDA_FA_QUANTS with every FlashAttention vector instance the series touches (the default set is
+    compiled anyway), so that those instances are targets of the check build; set explicitly because CMake keeps
+    a cached value from an earlier configure"""
+    combos = sorted({m.group(1) for s in sources if (m := FATTN_VEC_INSTANCE.search(s))})
+    return [f"-DGGML_CUDA_FA_QUANTS={';'.join([FATTN_QUANTS_DEFAULT, *combos])}"]
+
+
 def compile_cuda_touched(
     *, cuda_arch: str = "90", jobs: int | None = None, root: Path | None = None, commit: str | None = None
 ) -> list[str]:
@@ -109,7 +121,8 @@ def compile_cuda_touched(
     build_dir.mkdir(parents=True, exist_ok=True)
     log = build_dir / "build.log"
     log.write_text(f"# pyharness cuda-check at {tip}\n")
-    configure(link_source(build_dir, tree), build_dir, cmake_flags("cuda", cuda_arch, []), root, log)
+    flags = cmake_flags("cuda", cuda_arch, fattn_quants_flag(sources))
+    configure(link_source(build_dir, tree), build_dir, flags, root, log)
     present = available_targets(build_dir)
     objects = []
     skipped = []

@@ -152,3 +152,17 @@ def test_series_hash_follows_content(tmp_path: Path) -> None:
 def test_failing_hunk_points_at_file_and_line() -> None:
     patch = "diff --git a/x.c b/x.c\n--- a/x.c\n+++ b/x.c\n@@ -10,3 +10,4 @@ int f(void)\n ctx\n+new\n"
     assert patches.failing_hunk("error: patch failed: x.c:10\n", patch) == "x.c:10 @@ -10,3 +10,4 @@ int f(void)"
+
+
+def test_cuda_check_builds_the_flash_attention_instances_the_series_touches() -> None:
+    from pyharness.check import FATTN_QUANTS_DEFAULT, fattn_quants_flag
+
+    sources = [
+        "ggml/src/ggml-cuda/fattn.cu",
+        "ggml/src/ggml-cuda/template-instances/fattn-vec-instance-q8_kv-q8_kv.cu",
+        "ggml/src/ggml-cuda/template-instances/fattn-vec-instance-f16-q8_kv.cu",
+        "ggml/src/ggml-cuda/template-instances/fattn-tile-instance-dkq64-dv64.cu",
+    ]
+    (flag,) = fattn_quants_flag(sources)
+    assert flag == f"-DGGML_CUDA_FA_QUANTS={FATTN_QUANTS_DEFAULT};f16-q8_kv;q8_kv-q8_kv"
+    assert fattn_quants_flag(["ggml/src/ggml-cuda/fattn.cu"]) == [f"-DGGML_CUDA_FA_QUANTS={FATTN_QUANTS_DEFAULT}"]
