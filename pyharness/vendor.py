@@ -7,6 +7,7 @@ data, so the vendored tree is a real git repository whose HEAD is the pinned ups
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import tarfile
@@ -189,6 +190,35 @@ def commit_as_synthetic(tree: Path, pin: Pin) -> None:
     synthetic_marker(tree).write_text(pin.commit + "\n")
 
 
+def series_touched_paths(root: Path) -> set[str]:
+    """Every path a patch of the series (patches/series) changes, as `diff --git a/X b/Y` names them."""
+    patch_dir = root / "patches"
+    series = patch_dir / "series"
+    touched: set[str] = set()
+    if not series.is_file():
+        return touched
+    for line in series.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) != 2 or not (patch_dir / fields[1]).is_file():
+            continue
+        for diff in re.finditer(r"^diff --git a/(\S+) b/(\S+)$", (patch_dir / fields[1]).read_text(), re.M):
+            touched.update(diff.groups())
+    return touched
+
+
+def pack_exclusions(repo: Path, touched: set[str]) -> list[str]:
+    """git pathspecs leaving PACK_EXCLUDES out of the archive, except the files the series changes there (a patch
+    to docs/build.md must still apply on the machine that unpacks the archive)."""
+    specs = []
+    for prefix in PACK_EXCLUDES:
+        if not any(t == prefix or t.startswith(prefix + "/") for t in touched):
+            specs.append(f":(exclude){prefix}")
+            continue
+        files = git(repo, "ls-tree", "-r", "--name-only", UPSTREAM_BRANCH, "--", prefix).splitlines()
+        specs += [f":(exclude,literal){f}" for f in files if f not in touched]
+    return specs
+
+
 def pack_upstream(out: Path, root: Path | None = None) -> Path:
     """A tar.gz of the pinned tree without what builds never read (models, docs, other backends), for machines
     with no registry access; `pyharness vendor --from-archive` turns it back into a vendored repository."""
@@ -197,7 +227,7 @@ def pack_upstream(out: Path, root: Path | None = None) -> Path:
     pin = load_pin(root)
     if vendored_state(repo, pin) != "ok":
         raise HarnessError("vendor/llama.cpp is not at the pin", "run `pyharness vendor` first")
-    excluded = [f":(exclude){p}" for p in PACK_EXCLUDES]
+    excluded = pack_exclusions(repo, series_touched_paths(root))
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
