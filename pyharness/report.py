@@ -185,6 +185,7 @@ def ppl_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any
             "extra": _extra(run),
             "ppl": p["ppl"],
             "ppl_err": p["ppl_err"],
+            "kv_mib": p["kv_mib"],  # a column Store adds to older stores when it opens them
             "base": f"{base['variant']} {base['params']['cache_type_k']}/{base['params']['cache_type_v']}"
             if base
             else "",
@@ -494,6 +495,8 @@ def ppl_section(rows: list[dict[str, Any]]) -> str:
         "FA",
         "Extra",
         "ctx×chunks",
+        "KV MiB",
+        "KV / f16",
         "PPL",
         "PPL/PPL(base)",
         "Mean KLD",
@@ -501,9 +504,16 @@ def ppl_section(rows: list[dict[str, Any]]) -> str:
         "Same top %",
         "KLD base",
     ]
+    # KV cache size against the f16 cache of the same model, context and variant (llama.cpp's own log line)
+    f16_kv = {
+        (r["model"], r["ctx"], r["variant"]): r["kv_mib"]
+        for r in ordered
+        if r.get("kv_mib") and r["type_k"] == "f16" and r["type_v"] == "f16"
+    }
     body = []
     for r in ordered:
         has_kld = r.get("kld_mean") is not None
+        kv, kv_f16 = r.get("kv_mib"), f16_kv.get((r["model"], r["ctx"], r["variant"]))
         body.append(
             [
                 r["model"],
@@ -512,6 +522,8 @@ def ppl_section(rows: list[dict[str, Any]]) -> str:
                 r["fa"],
                 r["extra"] or "-",
                 f"{r['ctx']}×{r['chunks']}",
+                f"{kv:.2f}" if kv else "-",
+                f"{kv / kv_f16:.3f}" if kv and kv_f16 else "-",
                 fmt_pm(r["ppl"], r["ppl_err"], 4),
                 fmt_pm(r.get("ppl_ratio"), r.get("ppl_ratio_err"), 4) if has_kld else "-",
                 fmt_pm(r.get("kld_mean"), r.get("kld_mean_err"), 6) if has_kld else "-",
@@ -520,14 +532,16 @@ def ppl_section(rows: list[dict[str, Any]]) -> str:
                 r["base"] or "-",
             ]
         )
-    align = ["l", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "l"]
+    align = ["l", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "l"]
     return (
         "### Perplexity and KL divergence (llama-perplexity)\n\n"
         + md_table(headers, body, align)
         + "\n\nPPL ± its standard error as llama-perplexity prints it; KLD statistics from `--kl-divergence` "
         "against the base run named in the last column. llama-perplexity stores the base's log-probabilities as "
         "16-bit values, so a configuration identical to its base shows KLD ≈ 0 and 100 % same top token but a "
-        "PPL ratio slightly different from 1: read ratios against that row, not against 1.\n"
+        "PPL ratio slightly different from 1: read ratios against that row, not against 1. KV MiB: the KV cache "
+        "size llama.cpp logs (`llama_kv_cache: size`, summed over its caches); KV / f16: against the f16 cache of "
+        "the same model, context and variant.\n"
     )
 
 

@@ -164,6 +164,7 @@ PERPLEXITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ppl", "REAL"),
     ("ppl_err", "REAL"),
     ("source", "TEXT"),
+    ("kv_mib", "REAL"),  # llama.cpp's KV cache size (its own log line), MiB
 )
 
 # llama-perplexity --kl-divergence: the "Perplexity", "KL divergence" and "Token probability" statistics blocks.
@@ -389,6 +390,10 @@ class Store:
             for name, kind in RUN_COLUMNS:  # columns added since a store was created
                 if name not in have:
                     conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            have = set(self.columns("perplexity"))
+            for name, kind in PERPLEXITY_COLUMNS:  # columns added since a store was created
+                if name not in have:
+                    conn.execute(f"ALTER TABLE perplexity ADD COLUMN {name} {kind}")
             for table in ("llama_bench", "test_backend_ops"):
                 if RUN_LINK_COLUMN not in self.columns(table):
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {RUN_LINK_COLUMN} INTEGER")

@@ -24,7 +24,12 @@ def test_final_estimate_of_a_real_run() -> None:
     assert raw is not None
     row, kld = ppl.parse_perplexity_output(out, err, kld=False)
     assert kld is None
-    assert row == {"ppl": float(raw.group(1)), "ppl_err": float(raw.group(2)), "source": "final_estimate"}
+    assert row == {
+        "ppl": float(raw.group(1)),
+        "ppl_err": float(raw.group(2)),
+        "source": "final_estimate",
+        "kv_mib": None,  # the fixture ran without -lv 4
+    }
     assert row["ppl"] == 33.1128 and row["ppl_err"] == 7.47930
 
 
@@ -32,7 +37,7 @@ def test_kl_divergence_statistics_of_a_real_run() -> None:
     out, err = evalkit.fixture("kld-q8_0.stdout"), evalkit.fixture("kld-q8_0.stderr")
     row, kld = ppl.parse_perplexity_output(out, err, kld=True)
     assert kld is not None
-    assert row == {"ppl": 33.04877, "ppl_err": 7.459192, "source": "kld_statistics"}
+    assert row == {"ppl": 33.04877, "ppl_err": 7.459192, "source": "kld_statistics", "kv_mib": None}
     assert set(kld) == set(KLD_STAT_COLUMNS)
     expected = {
         "ppl_base": 32.96351,
@@ -112,6 +117,25 @@ def test_failed_exit_and_silent_failure_are_failed_records() -> None:
     assert silent.fields["status"] == "failed" and "Final estimate" in silent.fields["error"]
 
 
+def test_kv_cache_size_is_llama_cpps_own_summed_over_its_caches() -> None:
+    one = (
+        "0.00.213.068 I llama_kv_cache: size =   46.41 MiB (   256 cells,  30 layers, 16/16 seqs), "
+        "K (q8_kv):   23.20 MiB, V (q8_kv):   23.20 MiB\n"
+    )
+    assert ppl.parse_kv_mib("noise\n" + one + "more noise\n") == 46.41
+    iswa = (
+        "I llama_kv_cache_iswa: creating non-SWA KV cache, size = 256 cells\n"
+        "I llama_kv_cache:        CPU KV buffer size =     6.19 MiB\n"
+        "I llama_kv_cache: size =    6.19 MiB (   256 cells,   3 layers, 16/16 seqs), "
+        "K (q8_kv): 3.09 MiB, V (q8_kv): 3.09 MiB\n"
+        "I llama_kv_cache_iswa: creating     SWA KV cache, size = 256 cells\n"
+        "I llama_kv_cache: size =   30.94 MiB (   256 cells,  15 layers, 16/16 seqs), "
+        "K (q8_kv): 15.47 MiB, V (q8_kv): 15.47 MiB\n"
+    )
+    assert ppl.parse_kv_mib(iswa) == 6.19 + 30.94  # the buffer-size lines are not counted twice
+    assert ppl.parse_kv_mib("llama_kv_cache:        CPU KV buffer size =     6.19 MiB\n") is None
+
+
 def test_parameters_are_checked() -> None:
     with pytest.raises(HarnessError, match="needs flash attention"):
         ppl.PplParams(cache_type_v="q8_0", flash_attn="off").validate()
@@ -136,6 +160,8 @@ def test_parameters_are_checked() -> None:
         "on",
         "-t",
         "2",
+        "-lv",
+        "4",
         "--foo",
         "1",
     ]

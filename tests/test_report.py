@@ -77,22 +77,23 @@ def test_perplexity_table_numbers_are_the_stored_ones(tmp_path: Path) -> None:
         populate(store)
         report = build_report(store)
         header, body = table_rows(report.markdown, "### Perplexity")
-        assert header[6:11] == ["PPL", "PPL/PPL(base)", "Mean KLD", "99% KLD", "Same top %"]
+        assert header[6:13] == ["KV MiB", "KV / f16", "PPL", "PPL/PPL(base)", "Mean KLD", "99% KLD", "Same top %"]
         assert [r[1] for r in body] == ["upstream", "patched"]
         ppl = {r["run_id"]: r for r in store.conn.execute("SELECT * FROM perplexity")}
         kld = store.conn.execute("SELECT * FROM kld").fetchone()
         up_row, pa_row = body
         up = next(p for p in ppl.values() if p["source"] == "final_estimate")
         pa = ppl[kld["run_id"]]
-        assert up_row[6] == f"{up['ppl']:.4f} ± {up['ppl_err']:.4f}" and up_row[7] == "-"
-        assert pa_row[6] == f"{pa['ppl']:.4f} ± {pa['ppl_err']:.4f}"
-        assert pa_row[7] == f"{kld['ppl_ratio']:.4f} ± {kld['ppl_ratio_err']:.4f}"
-        assert pa_row[8] == f"{kld['kld_mean']:.6f} ± {kld['kld_mean_err']:.6f}"
-        assert pa_row[9] == f"{kld['kld_p99']:.6f}"
-        assert pa_row[10] == f"{kld['same_top_pct']:.2f} ± {kld['same_top_err_pct']:.2f}"
-        assert pa_row[2] == "q8_0" and pa_row[11] == "upstream f16/f16"
+        assert up_row[6:8] == ["-", "-"]  # the fixtures' logs do not show the KV cache size
+        assert up_row[8] == f"{up['ppl']:.4f} ± {up['ppl_err']:.4f}" and up_row[9] == "-"
+        assert pa_row[8] == f"{pa['ppl']:.4f} ± {pa['ppl_err']:.4f}"
+        assert pa_row[9] == f"{kld['ppl_ratio']:.4f} ± {kld['ppl_ratio_err']:.4f}"
+        assert pa_row[10] == f"{kld['kld_mean']:.6f} ± {kld['kld_mean_err']:.6f}"
+        assert pa_row[11] == f"{kld['kld_p99']:.6f}"
+        assert pa_row[12] == f"{kld['same_top_pct']:.2f} ± {kld['same_top_err_pct']:.2f}"
+        assert pa_row[2] == "q8_0" and pa_row[13] == "upstream f16/f16"
         # and they are the fixture's printed values
-        assert pa_row[8] == "0.004411 ± 0.000317" and up_row[6] == "33.1128 ± 7.4793"
+        assert pa_row[10] == "0.004411 ± 0.000317" and up_row[8] == "33.1128 ± 7.4793"
 
 
 def test_environment_is_stated(tmp_path: Path) -> None:

@@ -129,6 +129,8 @@ class PplParams:
             out += ["-t", str(self.threads)]
         if self.n_gpu_layers is not None:
             out += ["-ngl", str(self.n_gpu_layers)]
+        # info-level logs: llama.cpp's own KV cache size line (kv_mib), about 13 KB of stderr
+        out += ["-lv", "4"]
         return out + list(self.extra)
 
     def as_dict(self) -> dict[str, Any]:
@@ -232,6 +234,20 @@ def parse_kld(output: str) -> dict[str, float]:
     return found
 
 
+# llama_kv_cache: size =   46.41 MiB (   256 cells,  30 layers, 16/16 seqs), K (q8_kv):   23.20 MiB, V (q8_kv): ...
+KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*(" + NUM + r") MiB \(")
+
+
+def parse_kv_mib(output: str) -> float | None:
+    """llama.cpp's own KV cache size in MiB, summed over its caches (models with sliding-window layers have two),
+    from the first context's log lines; None where the log does not show it."""
+    sizes = [_float(m) for m in KV_SIZE_RE.findall(output)]
+    if not sizes:
+        return None
+    # the KLD pass and the base pass are separate processes; one process creates its caches once
+    return sum(sizes)
+
+
 def _why(output: str) -> str:
     for line in output.splitlines():
         low = line.lower()
@@ -245,10 +261,15 @@ def parse_perplexity_output(stdout: str, stderr: str, *, kld: bool) -> tuple[dic
     combined = f"{stdout}\n{stderr}"
     if kld:
         stats = parse_kld(stdout if "====== Perplexity statistics" in stdout else combined)
-        ppl = {"ppl": stats.pop("ppl"), "ppl_err": stats.pop("ppl_err"), "source": "kld_statistics"}
+        ppl = {
+            "ppl": stats.pop("ppl"),
+            "ppl_err": stats.pop("ppl_err"),
+            "source": "kld_statistics",
+            "kv_mib": parse_kv_mib(combined),
+        }
         return ppl, stats
     final = parse_final_estimate(combined)
-    return {**final, "source": "final_estimate"}, None
+    return {**final, "source": "final_estimate", "kv_mib": parse_kv_mib(combined)}, None
 
 
 # ------------------------------------------------------------------------------------------------ KLD base cache
