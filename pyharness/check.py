@@ -125,28 +125,12 @@ def compile_cuda_touched(
     configure(link_source(build_dir, tree), build_dir, flags, root, log)
     present = available_targets(build_dir)
     objects = []
-    skipped = []
     for source in sources:
         relative = Path(source).relative_to(CUDA_DIR)
         wanted = f"{CUDA_DIR}/CMakeFiles/ggml-cuda.dir/{relative}.o"
         if wanted not in present:
-            if relative.parts[0] == "template-instances":
-                # an instance the default configuration does not compile (e.g. a FlashAttention K/V type pair
-                # outside GGML_CUDA_FA_QUANTS): the same template as a compiled instance, other type arguments
-                skipped.append(source)
-                continue
             raise HarnessError(f"no object target for {source} in {build_dir}", f"see {log}")
         objects.append(wanted)
-    if skipped:
-        print(
-            f"cuda-check: {len(skipped)} template instance(s) not in the default build configuration, not compiled: "
-            + ", ".join(Path(s).name for s in skipped),
-            file=sys.stderr,
-        )
-    sources = [s for s in sources if s not in skipped]
-    if not objects:
-        print("cuda-check: nothing the default configuration compiles", file=sys.stderr)
-        return []
     print(
         f"cuda-check: compiling {len(objects)} CUDA source(s) for sm_{cuda_arch}: "
         + ", ".join(Path(s).name for s in sources),

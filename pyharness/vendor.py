@@ -192,16 +192,12 @@ def commit_as_synthetic(tree: Path, pin: Pin) -> None:
 
 def series_touched_paths(root: Path) -> set[str]:
     """Every path a patch of the series (patches/series) changes, as `diff --git a/X b/Y` names them."""
-    patch_dir = root / "patches"
-    series = patch_dir / "series"
+    from pyharness.patches import read_series  # patches imports this module
+
+    patch_dir = paths.patches_dir(root)
     touched: set[str] = set()
-    if not series.is_file():
-        return touched
-    for line in series.read_text().splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) != 2 or not (patch_dir / fields[1]).is_file():
-            continue
-        for diff in re.finditer(r"^diff --git a/(\S+) b/(\S+)$", (patch_dir / fields[1]).read_text(), re.M):
+    for entry in read_series(patch_dir):
+        for diff in re.finditer(r"^diff --git a/(\S+) b/(\S+)$", (patch_dir / entry.file).read_text(), re.M):
             touched.update(diff.groups())
     return touched
 

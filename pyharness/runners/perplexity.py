@@ -239,13 +239,10 @@ KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*(" + NUM + r") MiB \(")
 
 
 def parse_kv_mib(output: str) -> float | None:
-    """llama.cpp's own KV cache size in MiB, summed over its caches (models with sliding-window layers have two),
-    from the first context's log lines; None where the log does not show it."""
+    """llama.cpp's own KV cache size in MiB, summed over the caches its context creates (models with sliding-window
+    layers have two); None where the log does not show it."""
     sizes = [_float(m) for m in KV_SIZE_RE.findall(output)]
-    if not sizes:
-        return None
-    # the KLD pass and the base pass are separate processes; one process creates its caches once
-    return sum(sizes)
+    return sum(sizes) if sizes else None
 
 
 def _why(output: str) -> str:
@@ -259,17 +256,13 @@ def _why(output: str) -> str:
 def parse_perplexity_output(stdout: str, stderr: str, *, kld: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(perplexity row, kld row or None) from a finished run's two streams."""
     combined = f"{stdout}\n{stderr}"
+    kv_mib = parse_kv_mib(combined)
     if kld:
         stats = parse_kld(stdout if "====== Perplexity statistics" in stdout else combined)
-        ppl = {
-            "ppl": stats.pop("ppl"),
-            "ppl_err": stats.pop("ppl_err"),
-            "source": "kld_statistics",
-            "kv_mib": parse_kv_mib(combined),
-        }
+        ppl = {"ppl": stats.pop("ppl"), "ppl_err": stats.pop("ppl_err"), "source": "kld_statistics", "kv_mib": kv_mib}
         return ppl, stats
     final = parse_final_estimate(combined)
-    return {**final, "source": "final_estimate", "kv_mib": parse_kv_mib(combined)}, None
+    return {**final, "source": "final_estimate", "kv_mib": kv_mib}, None
 
 
 # ------------------------------------------------------------------------------------------------ KLD base cache
