@@ -307,21 +307,32 @@ def sampler_section(rows: list[dict[str, Any]]) -> str:
     headers = ["Device", "Vocab", "Rows"]
     headers += [f"{v} {m} (us)" for v, m in present]
     headers += [f"{a[1]} / {b[1]}" for a, b in ratios]
+    # the op on an accelerator against the CPU chain of the same host, vocabulary and rows (issue 4's CPU target)
+    chain, op = ("upstream", "chain"), ("patched", "op")
+    cross = {
+        key: cells[("CPU", key[1], key[2])][chain] / v[op]
+        for key, v in cells.items()
+        if key[0] != "CPU" and op in v and v[op] > 0 and chain in cells.get(("CPU", key[1], key[2]), {})
+    }
+    if cross:
+        headers.append("CPU chain / op")
     body = []
     for key in sorted(cells):
         v = cells[key]
         line: list[Any] = [key[0], key[1], key[2]]
         line += [f"{v[c]:.1f}" if c in v else "-" for c in present]
         line += [f"{v[a] / v[b]:.1f}x" if a in v and b in v and v[b] > 0 else "-" for a, b in ratios]
+        if cross:
+            line.append(f"{cross[key]:.1f}x" if key in cross else "-")
         body.append(line)
     return (
         "### Sampler latency\n\nMedian microseconds per call (every timed call is in the run's stdout); "
         "ratios are upstream over patched. `chain`: `llama_sampler_apply` of top_k -> top_p -> (min_p ->) temp -> "
         "dist on a `llama_token_data` array; `sortfree`: `llama_sampler_apply` of the sortfree sampler on the same "
         "array (it copies the logits into a tensor first); `backend-chain` / `backend-sortfree`: the samplers' "
-        "backend-sampling graphs, one per row; `op`: one `GGML_OP_SAMPLE_SORTFREE` node for all rows.\n\n"
-        + md_table(headers, body, ["l", "r", "r"] + ["r"] * (len(headers) - 3))
-        + "\n"
+        "backend-sampling graphs, one per row; `op`: one `GGML_OP_SAMPLE_SORTFREE` node for all rows. "
+        "`CPU chain / op`: the CPU chain measured on the same host's CPU (same vocabulary and rows) over the op "
+        "on the row's device.\n\n" + md_table(headers, body, ["l", "r", "r"] + ["r"] * (len(headers) - 3)) + "\n"
     )
 
 
