@@ -122,6 +122,16 @@ def cmd_pr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fa_perf(args: argparse.Namespace) -> int:
+    from pyharness.fa_perf import render
+
+    text = render(Path(args.log), args.candidate)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="pyharness", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = top.add_subparsers(dest="command", required=True)
@@ -180,6 +190,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebase-onto", metavar="PATH", help="also replay the stack onto a newer upstream clone")
     p.add_argument("--db", help="results store for the evidence tables (default: PYHARNESS_DB or results/)")
     p.set_defaults(func=cmd_pr)
+
+    p = sub.add_parser("fa-perf", help="table of a test-backend-ops FLASH_ATTN_EXT perf log: K/V types side by side")
+    p.add_argument(
+        "log", help="output of `test-backend-ops perf -o FLASH_ATTN_EXT` (e.g. gpu-check's int8-kernel-perf.log)"
+    )
+    p.add_argument("--candidate", default="q8_kv", help="K/V type compared against f16 and q8_0 (default q8_kv)")
+    p.add_argument("--out", help="also write the table to this file")
+    p.set_defaults(func=cmd_fa_perf)
 
     for register in extra_commands():
         register(sub)

@@ -1,0 +1,94 @@
+"""FlashAttention kernel timings from test-backend-ops perf logs, one table per log, K/V types side by side.
+
+`test-backend-ops perf -o FLASH_ATTN_EXT` prints one line per case with its parameters and microseconds per run. This
+module parses those lines (nothing else is read), groups the cases by shape, and shows each K/V type's time and the
+ratios of the baselines over the candidate type, so a kernel and its baselines measured in one run are compared
+without typing a number by hand.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyharness.errors import HarnessError
+from pyharness.report import md_table
+
+LINE = re.compile(r"FLASH_ATTN_EXT\((?P<params>[^)]*)\):\s+(?P<runs>\d+) runs -\s+(?P<us>[0-9.]+) us/run")
+SHAPE_KEYS = ("hsk", "nr23", "kv", "nb")
+
+
+@dataclass(frozen=True)
+class FaCase:
+    params: dict[str, str]
+    us: float
+
+    @property
+    def shape(self) -> tuple[str, ...]:
+        return tuple(self.params.get(k, "") for k in SHAPE_KEYS)
+
+    @property
+    def kv_type(self) -> str:
+        k, v = self.params.get("type_K", "?"), self.params.get("type_V", "?")
+        return k if k == v else f"{k}/{v}"
+
+
+def split_params(text: str) -> dict[str, str]:
+    """`a=1,b=[4,1],c=x` -> {'a': '1', 'b': '[4,1]', 'c': 'x'} (commas inside brackets belong to the value)."""
+    out: dict[str, str] = {}
+    depth, start = 0, 0
+    for i, ch in enumerate(text + ","):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            key, _, value = text[start:i].partition("=")
+            if key:
+                out[key.strip()] = value.strip()
+            start = i + 1
+    return out
+
+
+def parse(text: str) -> list[FaCase]:
+    return [FaCase(split_params(m["params"]), float(m["us"])) for m in LINE.finditer(text)]
+
+
+def gqa(nr23: str) -> str:
+    return nr23.strip("[]").split(",")[0]
+
+
+def table(cases: list[FaCase], candidate: str, baselines: tuple[str, ...] = ("f16", "q8_0")) -> str:
+    """Markdown: one row per shape, median us per K/V type, and baseline / candidate ratios (> 1: candidate faster)."""
+    if not cases:
+        raise HarnessError(
+            "no FLASH_ATTN_EXT perf lines found: pass the output of `test-backend-ops perf -o FLASH_ATTN_EXT`"
+        )
+    times: dict[tuple[str, ...], dict[str, list[float]]] = {}
+    for c in cases:
+        times.setdefault(c.shape, {}).setdefault(c.kv_type, []).append(c.us)
+    types = [t for t in (*baselines, candidate) if any(t in v for v in times.values())]
+    if candidate not in types:
+        raise HarnessError(
+            f"no case with K/V type {candidate!r} in the log (types found: {sorted({c.kv_type for c in cases})})"
+        )
+    ratios = [b for b in baselines if b in types]
+    headers = ["head dim", "GQA", "kv", "nb", *[f"{t} (us)" for t in types], *[f"{b} / {candidate}" for b in ratios]]
+    body = []
+    for shape in sorted(
+        times, key=lambda s: tuple(int(x) if x.isdigit() else 0 for x in (s[0], gqa(s[1]), s[2], s[3]))
+    ):
+        med = {t: statistics.median(v) for t, v in times[shape].items()}
+        row = [shape[0], gqa(shape[1]), shape[2], shape[3]]
+        row += [f"{med[t]:.2f}" if t in med else "-" for t in types]
+        row += [f"{med[b] / med[candidate]:.2f}x" if b in med and candidate in med else "-" for b in ratios]
+        body.append(row)
+    return md_table(headers, body, ["r"] * len(headers))
+
+
+def render(log: Path, candidate: str) -> str:
+    if not log.is_file():
+        raise HarnessError(f"{log}: no such file (a test-backend-ops perf log, e.g. gpu-check's int8-kernel-perf.log)")
+    return table(parse(log.read_text(errors="replace")), candidate)

@@ -1,0 +1,41 @@
+"""FlashAttention perf tables: parsed from test-backend-ops lines, medians per type, ratios baseline / candidate."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyharness.errors import HarnessError
+from pyharness.fa_perf import parse, split_params, table
+
+
+def line(kv_type: str, us: float, nb: int = 1, nr2: int = 4) -> str:
+    return (
+        f"  FLASH_ATTN_EXT(hsk=128,hsv=128,nh=8,nr23=[{nr2},1],kv=16384,nb={nb},mask=1,sinks=0,max_bias=0.000000,"
+        f"logit_softcap=0.000000,prec=f32,type_K={kv_type},type_V={kv_type},permute=[0,1,2,3],kv_view=1,"
+        f"v_is_view_of_k=0,n_kv_max=0):      29840 runs -    {us:.2f} us/run - 268.44 MFLOP/run -   7.97 TFLOPS"
+    )
+
+
+def test_brackets_keep_their_commas() -> None:
+    assert split_params("a=1,nr23=[4,1],c=x") == {"a": "1", "nr23": "[4,1]", "c": "x"}
+
+
+def test_table_shows_medians_and_ratios() -> None:
+    log = "\n".join([line("f16", 30.0), line("f16", 40.0), line("q8_0", 60.0), line("q8_kv", 20.0), "noise"])
+    cases = parse(log)
+    assert len(cases) == 4
+    rows = [r for r in table(cases, "q8_kv").splitlines() if r.startswith("| 128")]
+    assert rows == ["| 128 | 4 | 16384 | 1 | 35.00 | 60.00 | 20.00 | 1.75x | 3.00x |"]
+
+
+def test_shapes_are_separate_rows() -> None:
+    log = "\n".join([line("f16", 30.0, nb=1), line("q8_kv", 15.0, nb=1), line("q8_kv", 90.0, nb=512, nr2=8)])
+    rows = [r for r in table(parse(log), "q8_kv").splitlines() if r.startswith("| 128")]
+    assert rows == ["| 128 | 4 | 16384 | 1 | 30.00 | 15.00 | 2.00x |", "| 128 | 8 | 16384 | 512 | - | 90.00 | - |"]
+
+
+def test_missing_candidate_or_empty_log_is_an_error() -> None:
+    with pytest.raises(HarnessError, match="no FLASH_ATTN_EXT"):
+        table(parse("nothing here"), "q8_kv")
+    with pytest.raises(HarnessError, match="q8_kv"):
+        table(parse(line("f16", 30.0)), "q8_kv")
