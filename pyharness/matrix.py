@@ -14,7 +14,7 @@ File format
 
     [flags]                             # runtime flags: a list is an axis, a scalar is the same for every cell
     kv = ["f16", "q8_0"]                # K and V cache type together (or cache_type_k / cache_type_v)
-    flash_attn = "on"                   # on | off | auto (true/false/1/0/-1 too)
+    flash_attn = "on"                   # on | off | auto | int8 (true/false/1/0/-1/2 too; int8 needs kv = "q8_kv")
     threads = 2
     # n_gpu_layers = 99, batch = 2048, ubatch = 512,
     # extra = ["--flag"] (one argument list) or [[], ["--flag"]] (an axis of argument lists)
@@ -650,6 +650,13 @@ def check_cell(cell: Cell, chk: Checker) -> None:
             line,
             f"contradictory flags: a {v} V cache needs flash attention, but flash_attn is off (cell {cell.label()})",
             'use flash_attn = "on" or exclude the cell with [[exclude]]',
+        )
+    if fa == "int8" and cell.ev.kind not in MODEL_FREE_KINDS and (v != "q8_kv" or cell.flags["cache_type_k"] != "q8_kv"):
+        raise chk.fail(
+            loc.key("flags", "flash_attn"),
+            f"contradictory flags: flash_attn = int8 needs a q8_kv K and V cache, not "
+            f"{cell.flags['cache_type_k']}/{v} (cell {cell.label()})",
+            'use kv = "q8_kv" with flash_attn = "int8", or exclude the cell with [[exclude]]',
         )
     if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind not in MODEL_FREE_KINDS:
         raise chk.fail(

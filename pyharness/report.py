@@ -117,7 +117,7 @@ def model_label(name: str | None) -> str:
 
 
 def _fa(value: Any) -> str:
-    return {"1": "on", "0": "off", "-1": "auto"}.get(str(value), str(value))
+    return {"1": "on", "0": "off", "-1": "auto", "2": "int8"}.get(str(value), str(value))
 
 
 def bench_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -198,3 +198,12 @@ def test_cpu_used_by_other_processes_is_measured() -> None:
     assert busy.other_cpu >= 0.8 / cpus  # one spinning core of `cpus`
     own = execute([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass"])
     assert own.other_cpu is not None and own.other_cpu < busy.other_cpu  # the tool's own CPU is not "other"
+
+
+def test_int8_attention_needs_a_q8_kv_cache() -> None:
+    ok = bench.BenchParams(cache_type_k=("q8_kv",), cache_type_v=("q8_kv",), flash_attn=("int8",)).validate()
+    assert ok.flash_attn == ("int8",)
+    with pytest.raises(HarnessError, match="int8 needs a q8_kv K and V cache"):
+        bench.BenchParams(cache_type_k=("f16",), cache_type_v=("q8_kv",), flash_attn=("int8",)).validate()
+    with pytest.raises(HarnessError, match="not on, off, auto or int8"):
+        bench.BenchParams(flash_attn=("int4",)).validate()

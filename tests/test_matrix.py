@@ -91,6 +91,7 @@ def test_exclude_and_extra_axis(tmp_path: Path) -> None:
         ),
         (('models = ["smollm2-135m"]', 'models = ["synth:llama9-1t"]'), "models", "unknown synthetic shape"),
         (('flash_attn = "on"', 'flash_attn = "off"'), "flash_attn", "contradictory flags: a q8_0 V cache"),
+        (('flash_attn = "on"', 'flash_attn = "int8"'), "flash_attn", "flash_attn = int8 needs a q8_kv K and V cache"),
         (('kv = ["f16", "q8_0"]', 'kv = ["f16", "q8_0"]\ncache_type_k = "f16"'), "kv =", "contradictory flags"),
         (("threads = 2", "threads = 2\nn_gpu_layers = 99"), "n_gpu_layers", "contradictory flags: n_gpu_layers"),
         (('kind = "bench"', 'kind = "bench"\nrepetitons = 3'), "repetitons", "unknown key 'repetitons'"),

@@ -59,7 +59,8 @@ class BenchParams:
         fa = tuple(normalize_fa(f) for f in self.flash_attn)
         for v in self.cache_type_v:
             for f in fa:
-                check_kv_fa(v, f)
+                for k in self.cache_type_k:
+                    check_kv_fa(v, f, k)
         return replace(
             self,
             n_prompt=_ints(self.n_prompt),

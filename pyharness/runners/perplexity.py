@@ -54,7 +54,7 @@ class ParseError(ValueError):
 
 
 def normalize_fa(value: object) -> str:
-    """on/off/auto from the spellings llama.cpp accepts (and TOML booleans)."""
+    """on/off/auto/int8 from the spellings llama.cpp accepts (and TOML booleans)."""
     if isinstance(value, bool):
         return "on" if value else "off"
     text = str(value).strip().lower()
@@ -64,7 +64,9 @@ def normalize_fa(value: object) -> str:
         return "off"
     if text in ("auto", "-1"):
         return "auto"
-    raise HarnessError(f"flash attention mode {value!r} is not on, off or auto")
+    if text in ("int8", "2"):
+        return "int8"
+    raise HarnessError(f"flash attention mode {value!r} is not on, off, auto or int8")
 
 
 def check_kv_type(value: str, what: str = "KV cache type") -> str:
@@ -73,12 +75,21 @@ def check_kv_type(value: str, what: str = "KV cache type") -> str:
     return value
 
 
-def check_kv_fa(cache_type_v: str, flash_attn: str) -> None:
-    """llama.cpp refuses a quantized V cache without flash attention."""
+INT8_ATTN_KV = "q8_kv"
+
+
+def check_kv_fa(cache_type_v: str, flash_attn: str, cache_type_k: str | None = None) -> None:
+    """llama.cpp refuses a quantized V cache without flash attention; int8 attention runs with a q8_kv K and V cache
+    only (with other types llama.cpp falls back to plain flash attention, which would be stored as int8)."""
     if cache_type_v not in UNQUANTIZED_KV and flash_attn == "off":
         raise HarnessError(
             f"a {cache_type_v} V cache needs flash attention, but flash_attn is off",
             "use flash_attn = on (or auto), or an f16 V cache",
+        )
+    if flash_attn == "int8" and (cache_type_v != INT8_ATTN_KV or cache_type_k not in (None, INT8_ATTN_KV)):
+        raise HarnessError(
+            f"flash_attn = int8 needs a {INT8_ATTN_KV} K and V cache, not {cache_type_k or '?'}/{cache_type_v}",
+            f"use kv = {INT8_ATTN_KV} with flash_attn = int8",
         )
 
 
@@ -105,7 +116,7 @@ class PplParams:
         check_kv_type(self.cache_type_k, "K cache type")
         check_kv_type(self.cache_type_v, "V cache type")
         fa = normalize_fa(self.flash_attn)
-        check_kv_fa(self.cache_type_v, fa)
+        check_kv_fa(self.cache_type_v, fa, self.cache_type_k)
         return replace(self, flash_attn=fa, extra=tuple(self.extra))
 
     def args(self) -> list[str]:
