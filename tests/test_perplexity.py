@@ -226,3 +226,10 @@ def test_missing_text_says_how_to_supply_it(tmp_path: Path, monkeypatch: pytest.
     assert text.resolve_text(given) == given.resolve()
     monkeypatch.setenv("PYHARNESS_TEXT", str(given))
     assert text.resolve_text(None) == given.resolve()
+
+
+def test_kld_base_of_int8_attention_runs_plain_flash_attention() -> None:
+    run = ppl.PplParams(cache_type_k="q8_kv", cache_type_v="q8_kv", flash_attn="int8").validate()
+    base = ppl.KldBase().params_for(run)
+    assert (base.cache_type_k, base.cache_type_v, base.flash_attn) == ("f16", "f16", "on")
+    assert ppl.KldBase(flash_attn="off").params_for(run).flash_attn == "off"

@@ -164,7 +164,7 @@ class KldBase:
     backend: str | None = None  # None: the evaluated run's backend
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
-    flash_attn: str | None = None  # None: the evaluated run's mode
+    flash_attn: str | None = None  # None: the evaluated run's mode (int8 attention: on, the base has no int8 cache)
     extra: tuple[str, ...] = ()
 
     def params_for(self, run: PplParams) -> PplParams:
@@ -172,7 +172,7 @@ class KldBase:
             run,
             cache_type_k=self.cache_type_k,
             cache_type_v=self.cache_type_v,
-            flash_attn=self.flash_attn or run.flash_attn,
+            flash_attn=self.flash_attn or ("on" if run.flash_attn == "int8" else run.flash_attn),
             extra=tuple(self.extra),
         ).validate()
 
