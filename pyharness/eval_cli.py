@@ -147,11 +147,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from pyharness.matrix import default_builder, load_matrix, run_matrix
+    from pyharness.executors import make_executor
+    from pyharness.matrix import default_builder, load_matrix
 
     spec = load_matrix(args.file)
+    executor = make_executor(
+        args.executor, address=args.address, retries=args.retries, no_build=args.no_build or args.dry_run
+    )
     with _open_store(args.db) as store:
-        result = run_matrix(
+        result = executor.run(
             spec,
             store,
             builder=default_builder(args.no_build or args.dry_run, None),
@@ -284,7 +288,12 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         description="Expand FILE.toml (variants x backends x models x runtime flags x evaluations) into runs, build "
         "what they need, skip every run whose configuration hash is already stored (so an interrupted matrix "
         "resumes), and keep going past failed runs (stored as failed, with their log). See matrices/default.toml "
-        "and `python -c 'import pyharness.matrix as m; print(m.__doc__)'` for the format.",
+        "and `python -c 'import pyharness.matrix as m; print(m.__doc__)'` for the format. With --executor ray the "
+        "cells run as Ray tasks on a local Ray instance or, with --address, on a cluster (README: Matrices on a "
+        "cluster).",
+        epilog="examples:\n  pyharness matrix matrices/default.toml\n"
+        "  pyharness matrix matrices/default.toml --executor ray                 # local Ray instance\n"
+        "  pyharness matrix matrices/int8-fa-h100.toml --executor ray --address auto   # on a node of a cluster",
     )
     p.add_argument("file", help="matrix file, e.g. matrices/default.toml")
     p.add_argument("--db", help=DB_HELP)
@@ -294,6 +303,23 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--skip-failed", action="store_true", help="do not retry cells whose last run failed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print the commands run")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: one cell after another in this process (default); ray: each cell a Ray task",
+    )
+    p.add_argument(
+        "--address",
+        help="with --executor ray: the cluster to join, `auto` or HEAD_HOST:PORT (default: a local Ray instance)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="with --executor ray: times a cell lost with its node or worker is run again before it is stored as "
+        "failed (default 2)",
+    )
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser(

@@ -11,6 +11,7 @@ File format
     backends = ["cpu"]
     models = ["smollm2-135m"]           # model names, .gguf paths, or synth:SHAPE[:FTYPE]
     timeout = 900                       # seconds per run (optional)
+    gpu_kind = "H100"                   # optional: cuda cells need this GPU kind (see pyharness.executors)
 
     [flags]                             # runtime flags: a list is an axis, a scalar is the same for every cell
     kv = ["f16", "q8_0"]                # K and V cache type together (or cache_type_k / cache_type_v)
@@ -102,7 +103,7 @@ from pyharness.runners.sampler import SamplerBenchParams, run_sampler_bench
 from pyharness.store import RunRecord, Store
 
 TOP_KEYS = {"matrix", "flags", "eval", "exclude"}
-MATRIX_KEYS = {"name", "description", "variants", "backends", "models", "timeout"}
+MATRIX_KEYS = {"name", "description", "variants", "backends", "models", "timeout", "gpu_kind"}
 FLAG_KEYS = {"kv", "cache_type_k", "cache_type_v", "flash_attn", "threads", "n_gpu_layers", "batch", "ubatch", "extra"}
 # evaluations that do not run a model: once per build (and flag axis "extra")
 MODEL_FREE_KINDS = ("ops", "sampler")
@@ -246,6 +247,7 @@ class MatrixSpec:
     excludes: list[dict[str, Any]]
     loc: Locator
     model_lines: dict[str, int] = field(default_factory=dict)
+    gpu_kind: str = ""  # the GPU kind cuda cells are pinned to ("" = any); a Ray resource of that name
 
     def cells(self) -> list[Cell]:
         """Every combination, variants x backends x models x flag axes x evals, minus the excluded ones."""
@@ -358,6 +360,11 @@ def load_matrix(path: Path | str) -> MatrixSpec:
     timeout = top.get("timeout")
     if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
         raise chk.fail(loc.key("matrix", "timeout"), "timeout must be a positive number of seconds")
+    gpu_kind = top.get("gpu_kind", "")
+    if not isinstance(gpu_kind, str) or (gpu_kind and not re.fullmatch(r"[A-Za-z0-9_.:\-]+", gpu_kind)):
+        raise chk.fail(loc.key("matrix", "gpu_kind"), f'gpu_kind must be a GPU kind such as "H100", got {gpu_kind!r}')
+    if gpu_kind and "cuda" not in backends:
+        raise chk.fail(loc.key("matrix", "gpu_kind"), f"gpu_kind = {gpu_kind!r} but no backend is cuda")
 
     flags_raw = data.get("flags", {})
     if not isinstance(flags_raw, dict):
@@ -404,6 +411,7 @@ def load_matrix(path: Path | str) -> MatrixSpec:
         excludes=excludes,
         loc=loc,
         model_lines=model_lines,
+        gpu_kind=gpu_kind,
     )
     cells = spec.cells()
     if not cells:
@@ -651,7 +659,11 @@ def check_cell(cell: Cell, chk: Checker) -> None:
             f"contradictory flags: a {v} V cache needs flash attention, but flash_attn is off (cell {cell.label()})",
             'use flash_attn = "on" or exclude the cell with [[exclude]]',
         )
-    if fa == "int8" and cell.ev.kind not in MODEL_FREE_KINDS and (v != "q8_kv" or cell.flags["cache_type_k"] != "q8_kv"):
+    if (
+        fa == "int8"
+        and cell.ev.kind not in MODEL_FREE_KINDS
+        and (v != "q8_kv" or cell.flags["cache_type_k"] != "q8_kv")
+    ):
         raise chk.fail(
             loc.key("flags", "flash_attn"),
             f"contradictory flags: flash_attn = int8 needs a q8_kv K and V cache, not "
@@ -840,6 +852,25 @@ def failed_build_record(cell: Cell, spec: MatrixSpec, error: str, chash: str) ->
     )
 
 
+def placeholder_hash(prefix: str, cell: Cell) -> str:
+    """The configuration hash a cell is stored under when it never got a configuration (no build, no model, lost)."""
+    return f"{prefix}-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
+
+
+def record_outcome(
+    store: Store, result: MatrixResult, label: str, record: RunRecord, say: Callable[[str], None]
+) -> int:
+    """Write one finished run (one transaction) and count it; a failure is also said."""
+    run_id = store.record(record)
+    result.ran += 1
+    if record.ok:
+        result.ok += 1
+    else:
+        result.failed.append((label, run_id, str(record.fields.get("error"))))
+        say(f"FAILED {label}: {record.fields.get('error')} (run {run_id})")
+    return run_id
+
+
 def plan(
     spec: MatrixSpec,
     store: Store,
@@ -898,14 +929,14 @@ def plan(
     for cell in cells:
         info = builds[(cell.variant, cell.backend)]
         if cell.ev.kind not in MODEL_FREE_KINDS and cell.model in unresolved:
-            chash = "unresolved-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
+            chash = placeholder_hash("unresolved", cell)
             planned.append(Planned(cell, None, chash, build_error=unresolved[cell.model]))
             continue
         base = kld_base_of(cell)
         base_info = builds[(base.variant, base.backend or cell.backend)] if base else None
         if isinstance(info, str) or isinstance(base_info, str):
             error = f"build failed: {info if isinstance(info, str) else base_info}"
-            chash = "unbuilt-" + hashlib.sha256(canonical(cell.key()).encode()).hexdigest()[:12]
+            chash = placeholder_hash("unbuilt", cell)
             planned.append(Planned(cell, None, chash, build_error=error))
             continue
         model = models[cell.model] if cell.ev.kind not in MODEL_FREE_KINDS else NO_MODEL
@@ -966,13 +997,7 @@ def run_matrix(
                     record = run_cell(p.cell, p.ctx, text, root)
                 except HarnessError as exc:
                     record = failed_build_record(p.cell, spec, str(exc), p.config_hash)
-            run_id = store.record(record)
-            result.ran += 1
-            if record.ok:
-                result.ok += 1
-            else:
-                result.failed.append((p.cell.label(), run_id, str(record.fields.get("error"))))
-                bar.write(f"FAILED {p.cell.label()}: {record.fields.get('error')} (run {run_id})")
+            record_outcome(store, result, p.cell.label(), record, bar.write)
             bar.update(1)
     finally:
         bar.close()

@@ -141,7 +141,7 @@ def test_parameters_are_checked() -> None:
         ppl.PplParams(cache_type_v="q8_0", flash_attn="off").validate()
     with pytest.raises(HarnessError, match="unknown K cache type"):
         ppl.PplParams(cache_type_k="q3_k").validate()
-    with pytest.raises(HarnessError, match="not on, off or auto"):
+    with pytest.raises(HarnessError, match="not on, off, auto or int8"):
         ppl.PplParams(flash_attn="maybe").validate()
     p = ppl.PplParams(
         ctx=256, chunks=2, threads=2, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="1", extra=("--foo", "1")
