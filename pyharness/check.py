@@ -29,7 +29,13 @@ from pyharness.proc import git
 CUDA_DIR = "ggml/src/ggml-cuda"
 
 
-def available_targets(build_dir: Path) -> set[str]:
+def available_targets(build_dir: Path, log: Path) -> set[str]:
+    """The targets of the build folder's build system, regenerated first: a folder configured at another commit
+    keeps its flags (so `configure` skips CMake) but may list targets this commit does not have."""
+    with log.open("a") as out:
+        regen = subprocess.run(["ninja", "-C", str(build_dir), "build.ninja"], stdout=out, stderr=subprocess.STDOUT)
+    if regen.returncode != 0:
+        raise HarnessError(f"regenerating the build system of {build_dir.name} failed", f"see {log}")
     out = subprocess.run(["ninja", "-C", str(build_dir), "-t", "targets", "all"], capture_output=True, text=True)
     return {line.split(":", 1)[0] for line in out.stdout.splitlines()}
 
@@ -68,7 +74,7 @@ def build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Pa
     build_dir.mkdir(parents=True, exist_ok=True)
     log.write_text(f"# pyharness patches check at {commit}\n")
     configure(link_source(build_dir, tree), build_dir, cmake_flags(backend, cuda_arch, []), root, log)
-    present = available_targets(build_dir)
+    present = available_targets(build_dir, log)
     targets = [t for t in [*BASE_TARGETS, *feature_targets(root)] if t in present]
     ninja(build_dir, targets, root, log, jobs=None)
     return build_dir
@@ -123,7 +129,7 @@ def compile_cuda_touched(
     log.write_text(f"# pyharness cuda-check at {tip}\n")
     flags = cmake_flags("cuda", cuda_arch, fattn_quants_flag(sources))
     configure(link_source(build_dir, tree), build_dir, flags, root, log)
-    present = available_targets(build_dir)
+    present = available_targets(build_dir, log)
     objects = []
     for source in sources:
         relative = Path(source).relative_to(CUDA_DIR)
