@@ -10,17 +10,16 @@ cell with the node's name and what is missing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyharness import paths
 from pyharness.build import BuildInfo, build_dir_for, cmake_flags, load_build
 from pyharness.errors import HarnessError
+from pyharness.file_lock import file_lock
 
 BUILD_TOOLS = ("cmake", "ninja", "git")
 COMPILERS = ("c++", "g++", "clang++")
@@ -95,18 +94,6 @@ def default_node_builder(want: BuildWant, root: Path) -> BuildInfo:
     from pyharness.build import build
 
     return build(want.variant, want.backend, cuda_arch=want.cuda_arch, root=root)
-
-
-@contextmanager
-def file_lock(lock: Path) -> Iterator[None]:
-    """An exclusive lock between the processes of one node (flock on a node-local file)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_lock(root: Path, want: BuildWant) -> contextlib.AbstractContextManager[None]:

@@ -28,9 +28,9 @@ from pyharness.executors.node_builds import (
     NodeBuilder,
     NodeBuildError,
     ensure_build,
-    file_lock,
     missing_build_tools,
 )
+from pyharness.file_lock import file_lock
 from pyharness.host import HostInfo, host_info
 from pyharness.matrix import MODEL_FREE_KINDS, NO_MODEL, Cell, MatrixSpec
 from pyharness.runners import ModelRef, RunContext, resolve_model

@@ -12,14 +12,11 @@ tokens for KLD statistics), so a run is 'ok' only when its exit code is 0 *and* 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import re
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 from pyharness import paths
 from pyharness.build import BuildInfo, build_id, load_build
 from pyharness.errors import HarnessError
+from pyharness.file_lock import file_lock
 from pyharness.runners import (
     Execution,
     ModelRef,
@@ -302,17 +300,6 @@ def kld_cache_root() -> Path:
     return paths.cache_dir() / "kld-base"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 class KldBaseError(HarnessError):
     """The base run failed; `execution` holds its output for the failed run's log."""
 
@@ -340,7 +327,7 @@ def base_logits(
     folder = kld_cache_root() / key
     logits = folder / "logits.bin"
     meta_file = folder / "meta.json"
-    with _locked(folder / ".lock"):
+    with file_lock(folder / ".lock"):
         if meta_file.is_file() and logits.is_file():
             meta = json.loads(meta_file.read_text())
             if meta.get("size") == logits.stat().st_size:
