@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyharness.matrix import MatrixResult
 
 DB_HELP = "results database (default: $PYHARNESS_DB, else results/results.sqlite under the project root)"
 
@@ -146,15 +149,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return _finish(record, args)
 
 
+def matrix_run_fields(
+    name: str, executor: object, address: str | None, started: str, result: MatrixResult
+) -> dict[str, object]:
+    """The `matrix_runs` row of one invocation: its executor, wall time, counts and where its cells ran."""
+    from collections import Counter
+
+    from pyharness.host import host_info
+    from pyharness.runners import now_utc
+
+    h = host_info()
+    placements = dict(Counter(getattr(executor, "placements", {}).values())) or {h.hostname: result.ran}
+    return {
+        "matrix": name,
+        "executor": str(getattr(executor, "name", type(executor).__name__)),
+        "address": address,
+        "started_at": started,
+        "finished_at": now_utc(),
+        "seconds": result.seconds,
+        "ran": result.ran,
+        "ok": result.ok,
+        "failed": len(result.failed),
+        "skipped": result.skipped,
+        "host_name": h.hostname,
+        "gpu_name": h.gpu_name,
+        "gpu_count": h.gpu_count,
+        "placements": placements,
+    }
+
+
 def cmd_matrix(args: argparse.Namespace) -> int:
     from pyharness.executors import make_executor
     from pyharness.matrix import default_builder, load_matrix
+    from pyharness.runners import now_utc
 
     spec = load_matrix(args.file)
     executor = make_executor(
         args.executor, address=args.address, retries=args.retries, no_build=args.no_build or args.dry_run
     )
     with _open_store(args.db) as store:
+        started = now_utc()
         result = executor.run(
             spec,
             store,
@@ -165,6 +199,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             echo=args.verbose,
             progress=not args.no_progress,
         )
+        if result.ran and not args.dry_run:
+            store.record_matrix_run(matrix_run_fields(spec.name, executor, args.address, started, result))
         where = store.path
     if args.dry_run:
         return 0
@@ -180,6 +216,21 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if result.failed else 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from pyharness.scaling import compare, scaling_markdown
+
+    sc = compare(Path(args.serial), Path(args.parallel), args.matrix)
+    text = scaling_markdown(sc)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(out)
+    else:
+        print(text, end="")
+    return 0 if sc.met else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -339,3 +390,19 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--title", help="report title")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "scaling",
+        help="compare a matrix run one cell at a time with the same matrix run through Ray",
+        formatter_class=fmt,
+        description="Read the invocation (executor, wall time, placements) and the cells of one matrix from two "
+        "stores, one written by a serial run and one by a parallel run, and report the parallel wall time against "
+        "its slowest cell (target <= 1.2x) with every cell's time and GPU. Both runs must come from one machine.",
+        epilog="example:\n  pyharness scaling --serial gpu-out/ray-demo-serial.sqlite "
+        "--parallel gpu-out/ray-demo-ray.sqlite --out docs/results/ray-demo/README.md",
+    )
+    p.add_argument("--serial", required=True, help="store of the run one cell at a time (--executor local)")
+    p.add_argument("--parallel", required=True, help="store of the run through Ray (--executor ray)")
+    p.add_argument("--matrix", help="the matrix's name, where a store holds several")
+    p.add_argument("--out", help="write the Markdown there (default: print it)")
+    p.set_defaults(func=cmd_scaling)

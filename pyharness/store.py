@@ -18,6 +18,9 @@ Tables
     and `samples_ts` value).
 `feature_eval`
     Generic evaluations of patch features: run id, feature, metric, value, unit.
+`matrix_runs`
+    One row per `pyharness matrix` invocation that ran cells: executor, wall time, counts, and the nodes cells ran on
+    (`pyharness scaling` compares a serial and a parallel invocation of one matrix).
 
 A run's rows are written after its process has finished, in one `BEGIN IMMEDIATE ... COMMIT`: an interrupted run
 leaves nothing behind, and a matrix resumes by looking up `config_hash` among the 'ok' runs.
@@ -156,6 +159,27 @@ RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("stdout", "TEXT"),
     ("stderr", "TEXT"),
     ("harness_version", "TEXT"),
+    ("gpu_visible", "TEXT"),  # CUDA_VISIBLE_DEVICES the run's tools saw (set by Ray for a GPU task), if any
+)
+
+# One row per `pyharness matrix` invocation that ran cells: which executor, its wall time, and where cells ran.
+MATRIX_RUN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("matrix_run_id", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+    ("matrix", "TEXT NOT NULL"),
+    ("executor", "TEXT NOT NULL"),
+    ("address", "TEXT"),
+    ("started_at", "TEXT"),
+    ("finished_at", "TEXT"),
+    ("seconds", "REAL"),
+    ("ran", "INTEGER"),
+    ("ok", "INTEGER"),
+    ("failed", "INTEGER"),
+    ("skipped", "INTEGER"),
+    ("host_name", "TEXT"),
+    ("gpu_name", "TEXT"),
+    ("gpu_count", "INTEGER"),
+    ("placements", "TEXT"),  # JSON: node label -> cells it ran (Ray), or {} (local: all on host_name)
+    ("harness_version", "TEXT"),
 )
 
 PERPLEXITY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -288,6 +312,7 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS feature_eval_run ON feature_eval (run_id)",
     _ddl("llama_bench", LLAMA_BENCH_COLUMNS),
     _ddl("test_backend_ops", TEST_BACKEND_OPS_COLUMNS),
+    _ddl("matrix_runs", MATRIX_RUN_COLUMNS),
 )
 
 
@@ -484,6 +509,24 @@ class Store:
                 sql += f" AND {column} = ?"
                 args.append(value)
         return [dict(row) for row in self.conn.execute(sql + " ORDER BY run_id", args)]
+
+    def record_matrix_run(self, fields: Mapping[str, Any]) -> int:
+        """Write one matrix invocation (its own transaction, after its cells' runs)."""
+        row = dict(fields)
+        if not isinstance(row.get("placements"), str):
+            row["placements"] = json.dumps(row.get("placements") or {}, sort_keys=True)
+        row.setdefault("harness_version", harness_version())
+        unknown = set(row) - {name for name, _ in MATRIX_RUN_COLUMNS}
+        if unknown:
+            raise HarnessError(f"internal: unknown matrix_runs columns {sorted(unknown)}")
+        with self.transaction() as conn:
+            return self._insert(conn, "matrix_runs", row)
+
+    def matrix_runs(self, matrix: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM matrix_runs", []
+        if matrix is not None:
+            sql, args = sql + " WHERE matrix = ?", [matrix]
+        return [dict(row) for row in self.conn.execute(sql + " ORDER BY matrix_run_id", args)]
 
     def count(self, table: str) -> int:
         return int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])

@@ -104,3 +104,29 @@ def test_local_and_ray_executors_store_the_same_results(tmp_path: Path) -> None:
 
     again = matrix_cli(path, tmp_path / "ray.sqlite", env, "--executor", "ray")  # resumes: everything stored
     assert again.returncode == 0 and "8 already stored, 0 to run" in again.stderr
+
+    # each invocation that ran cells left its matrix_runs row; the resumed one (nothing ran) left none
+    for db, executor in (("local.sqlite", "local"), ("ray.sqlite", "ray")):
+        conn = sqlite3.connect(tmp_path / db)
+        rows = conn.execute("SELECT executor, ran, ok, failed, seconds, placements FROM matrix_runs").fetchall()
+        conn.close()
+        assert len(rows) == 1 and rows[0][:4] == (executor, 8, 8, 0) and rows[0][4] > 0, rows
+    scaling = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyharness",
+            "scaling",
+            "--serial",
+            str(tmp_path / "local.sqlite"),
+            "--parallel",
+            str(tmp_path / "ray.sqlite"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert scaling.returncode in (0, 1), scaling.stderr  # 1: target not met (a CPU matrix on one node need not be)
+    assert "# Scaling: matrix `parity`" in scaling.stdout and "| cells | 8 |" in scaling.stdout

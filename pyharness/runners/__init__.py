@@ -301,6 +301,8 @@ def provenance_fields(ctx: RunContext) -> dict[str, Any]:
         "model_size": ctx.model.size,
         "matrix": ctx.matrix,
         "cell": ctx.cell,
+        # Ray gives a GPU task its GPU this way; recorded for GPU builds only (CPU runs ignore it)
+        "gpu_visible": os.environ.get("CUDA_VISIBLE_DEVICES") if b.backend != "cpu" else None,
     }
 
 
