@@ -167,6 +167,8 @@ def matrix_run_fields(
         "started_at": started,
         "finished_at": now_utc(),
         "seconds": result.seconds,
+        "setup_seconds": result.setup_seconds,
+        "cells_seconds": result.cells_seconds,
         "ran": result.ran,
         "ok": result.ok,
         "failed": len(result.failed),

@@ -698,6 +698,10 @@ class MatrixResult:
     failed: list[tuple[str, int, str]] = field(default_factory=list)  # (label, run id, error)
     skipped: int = 0
     seconds: float = 0.0
+    # where an executor knows them: seconds before its first cell was submitted (connecting, surveying nodes) and
+    # from then until its last cell's result
+    setup_seconds: float | None = None
+    cells_seconds: float | None = None
 
 
 Builder = Callable[[str, str], BuildInfo]

@@ -171,6 +171,8 @@ MATRIX_RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("started_at", "TEXT"),
     ("finished_at", "TEXT"),
     ("seconds", "REAL"),
+    ("setup_seconds", "REAL"),  # before the first cell was submitted (Ray: connecting, surveying nodes)
+    ("cells_seconds", "REAL"),  # from the first cell's submission to the last cell's result
     ("ran", "INTEGER"),
     ("ok", "INTEGER"),
     ("failed", "INTEGER"),
@@ -415,10 +417,11 @@ class Store:
             for name, kind in RUN_COLUMNS:  # columns added since a store was created
                 if name not in have:
                     conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
-            have = set(self.columns("perplexity"))
-            for name, kind in PERPLEXITY_COLUMNS:  # columns added since a store was created
-                if name not in have:
-                    conn.execute(f"ALTER TABLE perplexity ADD COLUMN {name} {kind}")
+            for table, columns in (("perplexity", PERPLEXITY_COLUMNS), ("matrix_runs", MATRIX_RUN_COLUMNS)):
+                have = set(self.columns(table))
+                for name, kind in columns:  # columns added since a store was created
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
             for table in ("llama_bench", "test_backend_ops"):
                 if RUN_LINK_COLUMN not in self.columns(table):
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {RUN_LINK_COLUMN} INTEGER")

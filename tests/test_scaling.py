@@ -22,6 +22,7 @@ def write_store(
     gpu_name: str = "NVIDIA H200",
     failed: tuple[str, ...] = (),
     matrix: str = "demo",
+    setup: float = 0.0,
 ) -> None:
     with Store(db) as store:
         for i, (cell, (duration, gpu)) in enumerate(cells.items()):
@@ -72,6 +73,8 @@ def write_store(
                 "started_at": "2026-11-26T03:00:00Z",
                 "finished_at": "2026-11-26T03:05:00Z",
                 "seconds": seconds,
+                "setup_seconds": setup,
+                "cells_seconds": seconds - setup - 1.0 if executor == "ray" else None,
                 "ran": n,
                 "ok": len(cells),
                 "failed": len(failed),
@@ -88,14 +91,17 @@ PARALLEL = {"a": (41.0, "0"), "b": (52.0, "1"), "c": (63.0, "2"), "d": (44.0, "3
 
 def test_ratio_is_parallel_wall_over_slowest_cell(tmp_path: Path) -> None:
     write_store(tmp_path / "s.sqlite", "local", SERIAL, 240.0)
-    write_store(tmp_path / "p.sqlite", "ray", PARALLEL, 70.0)
+    write_store(tmp_path / "p.sqlite", "ray", PARALLEL, 78.0, setup=8.0)
     sc = compare(tmp_path / "s.sqlite", tmp_path / "p.sqlite")
     assert sc.slowest_cell == ("c", 63.0)
-    assert sc.ratio == pytest.approx(70.0 / 63.0)
+    assert sc.ratio == pytest.approx(70.0 / 63.0) and sc.wall_ratio == pytest.approx(78.0 / 63.0)
     assert sc.serial_cell_seconds == pytest.approx(195.0)
     assert sc.gpus_used == 4 and sc.met
     md = scaling_markdown(sc)
-    assert "| parallel wall / slowest cell | 1.11x (target <= 1.2x) |" in md
+    assert (
+        "| (wall - setup) / slowest cell | 1.11x (target <= 1.2x) |" in md and "| wall / slowest cell | 1.24x |" in md
+    )
+    assert "| of which cells (first submitted to last result) | 69.0 s |" in md
     assert "| target | met |" in md and "| c | 60.0 | 63.0 | gpu-host GPU 2 |" in md
     assert "gpu-host/abc123 4" in md
 

@@ -146,7 +146,10 @@ class RayExecutor:
                 cell_runner=self.cell_runner,
                 node_builder=self.node_builder,
             )
+            t1 = time.monotonic()
+            result.setup_seconds = round(t1 - t0, 1)
             self._execute(spec, cells, demands, todo, settings, store, result, progress)
+            result.cells_seconds = round(time.monotonic() - t1, 1)
         result.seconds = round(time.monotonic() - t0, 1)
         if self.placements:
             print(f"matrix {spec.name}: ran on {format_placements(self.placements)}", file=sys.stderr)
