@@ -15,7 +15,7 @@ Runs from different hardware are refused: a ratio between two machines says noth
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class Scaling:
     matrix: str
     serial: Invocation
     parallel: Invocation
+    serial_ts: dict[tuple[str, str], float] = field(default_factory=dict)
+    parallel_ts: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
     def slowest_cell(self) -> tuple[str, float]:
@@ -118,6 +120,14 @@ class Scaling:
         return not self.parallel.failed and self.ratio <= TARGET_RATIO
 
 
+def bench_medians(db: Path, inv: Invocation) -> dict[tuple[str, str], float]:
+    """Median t/s of every llama-bench test of the invocation's cells, by (cell, test)."""
+    ids = {int(r["run_id"]): cell for cell, r in inv.cells.items()}
+    with Store(db) as store:
+        rows = store.conn.execute("SELECT run_id, test, median_ts FROM bench_test").fetchall()
+    return {(ids[r["run_id"]], str(r["test"])): float(r["median_ts"]) for r in rows if r["run_id"] in ids}
+
+
 def compare(serial_db: Path, parallel_db: Path, matrix: str | None = None) -> Scaling:
     for path in (serial_db, parallel_db):
         if not path.is_file():
@@ -141,7 +151,13 @@ def compare(serial_db: Path, parallel_db: Path, matrix: str | None = None) -> Sc
             f"the two runs did not run the same cells (only in one: {', '.join(missing)})",
             "re-run the invocation that lacks them (it resumes), then compare again",
         )
-    return Scaling(matrix=str(serial.row["matrix"]), serial=serial, parallel=parallel)
+    return Scaling(
+        matrix=str(serial.row["matrix"]),
+        serial=serial,
+        parallel=parallel,
+        serial_ts=bench_medians(serial_db, serial),
+        parallel_ts=bench_medians(parallel_db, parallel),
+    )
 
 
 def _where(run: dict[str, Any]) -> str:
@@ -200,4 +216,22 @@ def scaling_markdown(sc: Scaling) -> str:
         md_table(["cell", "serial s", "parallel s", "parallel: ran on"], rows, ["l", "r", "r", "l"]),
         "",
     ]
+    both = sorted(set(sc.serial_ts) & set(sc.parallel_ts))
+    if both:
+        ts_rows = []
+        for cell, test in both:
+            alone, shared = sc.serial_ts[cell, test], sc.parallel_ts[cell, test]
+            ratio = f"{shared / alone:.3f}" if alone else "-"
+            ts_rows.append([cell, test, f"{alone:.2f}", f"{shared:.2f}", ratio])
+        lines += [
+            "## Throughput alone and beside the other cells",
+            "",
+            "llama-bench medians of each cell when it ran alone (serial run) and while the other cells ran on the "
+            "host's other GPUs (parallel run): what sharing the host costs each cell.",
+            "",
+            md_table(
+                ["cell", "test", "t/s alone", "t/s in parallel", "parallel / alone"], ts_rows, ["l", "l", "r", "r", "r"]
+            ),
+            "",
+        ]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ the harness fingerprint, a node's build cache, and a worker refusing to run anot
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -157,8 +158,40 @@ def test_gpu_kind_is_checked_with_its_line(tmp_path: Path, edit: tuple[str, str]
 def test_the_gpu_demonstration_matrix_is_one_gpu_per_cell() -> None:
     spec = matrix.load_matrix(ROOT / "matrices" / "ray-gpu-demo.toml")
     cells = spec.cells()
-    assert len(cells) == 8 and len({c.label() for c in cells}) == 8
+    assert len(cells) == 4 and len({c.label() for c in cells}) == 4  # for a 4-GPU host: N cells on N GPUs
     assert all(demands.cell_demand(c, spec.gpu_kind).as_resources() == {"CPU": 1.0, "GPU": 1.0} for c in cells)
+
+
+@pytest.mark.parametrize(
+    ("visible", "gpus", "during"),
+    [
+        (None, 4, "0"),  # several GPUs: the first alone, as Ray gives a cell one GPU
+        ("2,3", 4, "2"),
+        ("3", 4, "3"),  # already one: left alone
+        (None, 1, None),  # one GPU: nothing to do
+        (None, 0, None),
+    ],
+)
+def test_the_local_executor_gives_gpu_cells_one_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, visible: str | None, gpus: int, during: str | None
+) -> None:
+    spec = matrix.load_matrix(ROOT / "matrices" / "ray-gpu-demo.toml")
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with local.one_gpu_per_cell(spec, gpus):
+        assert os.environ.get("CUDA_VISIBLE_DEVICES") == during
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible  # restored
+    cpu_only = matrix.load_matrix(
+        write(
+            tmp_path,
+            SMALL.replace('backends = ["cpu", "cuda"]', 'backends = ["cpu"]').replace('gpu_kind = "H100"\n', ""),
+        )
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with local.one_gpu_per_cell(cpu_only, 4):
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
 
 
 def test_the_local_executor_runs_a_pinned_gpu_kind_only_on_that_gpu(tmp_path: Path) -> None:

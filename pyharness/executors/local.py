@@ -1,10 +1,16 @@
 """`pyharness matrix --executor local` (the default): every cell in this process, one after another.
 
-This is `pyharness.matrix.run_matrix` as it always was; it imports nothing of Ray.
+This is `pyharness.matrix.run_matrix`; it imports nothing of Ray. On a host with several GPUs its GPU cells run on
+one GPU (the first visible one), as a Ray task with `num_gpus=1` does: llama.cpp otherwise splits a model over every
+GPU it sees (pipeline-parallel prefill), and the two executors would measure different things.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,30 @@ def check_gpu_kind(spec: MatrixSpec, gpu_name: str) -> None:
         )
 
 
+@contextmanager
+def one_gpu_per_cell(spec: MatrixSpec, gpu_count: int) -> Iterator[str | None]:
+    """Make only the first visible GPU visible to the matrix's tools while it runs (CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    listed = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else None
+    if "cuda" not in spec.backends or (listed is None and gpu_count <= 1) or (listed is not None and len(listed) <= 1):
+        yield visible
+        return
+    first = listed[0] if listed else "0"
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    print(
+        f"matrix {spec.name}: GPU cells run on GPU {first} alone (CUDA_VISIBLE_DEVICES={first}), one GPU per cell as "
+        "with --executor ray",
+        file=sys.stderr,
+    )
+    try:
+        yield first
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+
+
 @dataclass
 class LocalExecutor:
     name: str = "local"
@@ -42,18 +72,22 @@ class LocalExecutor:
         echo: bool = False,
         progress: bool = True,
     ) -> MatrixResult:
+        gpu_count = 0
         if not dry_run:
             from pyharness.host import host_info
 
-            check_gpu_kind(spec, host_info().gpu_name)
-        return run_matrix(
-            spec,
-            store,
-            builder=builder,
-            text=text,
-            root=root,
-            retry_failed=retry_failed,
-            dry_run=dry_run,
-            echo=echo,
-            progress=progress,
-        )
+            host = host_info()
+            check_gpu_kind(spec, host.gpu_name)
+            gpu_count = host.gpu_count
+        with one_gpu_per_cell(spec, gpu_count):
+            return run_matrix(
+                spec,
+                store,
+                builder=builder,
+                text=text,
+                root=root,
+                retry_failed=retry_failed,
+                dry_run=dry_run,
+                echo=echo,
+                progress=progress,
+            )
