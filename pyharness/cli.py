@@ -7,6 +7,7 @@ standard library.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -122,6 +123,28 @@ def cmd_pr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_carry(args: argparse.Namespace) -> int:
+    from pyharness import carry
+
+    pieces = Path(args.pieces)
+    if args.action == "join":
+        for path in carry.join(pieces, Path(args.out), args.files or None):
+            print(path)
+        return 0
+    if args.action == "split":
+        if not args.files:
+            raise HarnessError("nothing to split", "name the files: pyharness carry split FILE...")
+        for name, parts in carry.split([Path(f) for f in args.files], pieces, int(args.max_mib * carry.MIB)).items():
+            print(f"{name}: {len(parts)} piece(s) in {pieces}")
+    extra = sum(Path(p).stat().st_size for p in args.first_extra or [])
+    for i, call in enumerate(carry.plan(pieces, int(args.limit_mib * carry.MIB), extra), 1):
+        paths = [str(pieces / carry.MANIFEST)] + [str(pieces / f) for f in call]
+        if i == 1:
+            paths = list(args.first_extra or []) + paths
+        print(f"call {i}: carry {json.dumps(paths)}")
+    return 0
+
+
 def cmd_fa_perf(args: argparse.Namespace) -> int:
     from pyharness.fa_perf import render
 
@@ -190,6 +213,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rebase-onto", metavar="PATH", help="also replay the stack onto a newer upstream clone")
     p.add_argument("--db", help="results store for the evidence tables (default: PYHARNESS_DB or results/)")
     p.set_defaults(func=cmd_pr)
+
+    p = sub.add_parser(
+        "carry", help="cut files too large for one call to the GPU machine into pieces; put them together there"
+    )
+    p.add_argument("action", choices=["split", "plan", "join"])
+    p.add_argument("files", nargs="*", help="split: the files; join: only these (default: every file recorded)")
+    p.add_argument("--pieces", default=".carry/pieces", help="the pieces' folder (default .carry/pieces)")
+    p.add_argument("--max-mib", type=float, default=60.0, help="split: largest piece, MiB (default 60)")
+    p.add_argument("--limit-mib", type=float, default=64.0, help="split/plan: carried MiB per call (default 64)")
+    p.add_argument("--first-extra", nargs="*", metavar="PATH", help="split/plan: other paths the first call carries")
+    p.add_argument("--out", default=".cache-pyharness/models", help="join: where the files go")
+    p.set_defaults(func=cmd_carry)
 
     p = sub.add_parser("fa-perf", help="table of a test-backend-ops FLASH_ATTN_EXT perf log: K/V types side by side")
     p.add_argument(
