@@ -569,9 +569,8 @@ def bench_test_row(index: int, test: BenchTest) -> dict[str, Any]:
 
 
 def harness_version() -> str:
-    try:
-        from importlib.metadata import version
+    """The running harness: its version and a hash of its sources (`0.1.0+<12 hex>`), known with or without git or
+    an installed package (the GPU machine runs a copy of the tree)."""
+    from pyharness.executors.fingerprint import harness_fingerprint
 
-        return version("pyharness")
-    except Exception:
-        return "0+unknown"
+    return harness_fingerprint()

@@ -238,3 +238,19 @@ def test_host_probes() -> None:
     )
     assert hardware_key("X", "", "", "") == "X / no GPU"
     assert hardware_key("X", "H100", "550", "12.4") == "X / H100 (driver 550, CUDA 12.4)"
+
+
+def test_runs_record_the_harness_by_version_and_sources_hash(tmp_path: Path) -> None:
+    """Known without git metadata or an installed package (the GPU machine runs a copy of the tree)."""
+    import re
+
+    from pyharness.executors.fingerprint import harness_fingerprint
+    from pyharness.store import harness_version
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+\+[0-9a-f]{12}", harness_version())
+    assert harness_version() == harness_fingerprint()
+    ctx = evalkit.fake_context(evalkit.fake_build())
+    with Store(tmp_path / "r.sqlite") as store:
+        run_id = store.record(evalkit.bench_fixture_record("bench-upstream.jsonl", ctx, "cfg"))
+        row = store.conn.execute("SELECT harness_version FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    assert row["harness_version"] == harness_version()
