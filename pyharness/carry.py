@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pyharness.errors import HarnessError
+from pyharness.proc import sha256_file
 
 MANIFEST = "manifest.json"
 MIB = 1 << 20
@@ -29,14 +30,6 @@ class Piece:
     file: str
     size: int
     sha256: str
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -138,7 +131,7 @@ def join(folder: Path, out: Path, names: list[str] | None = None) -> list[Path]:
                 problems.append(f"{p['file']} missing")
             elif path.stat().st_size != p["size"]:
                 problems.append(f"{p['file']} has {path.stat().st_size} bytes, not {p['size']}")
-            elif _sha256(path) != p["sha256"]:
+            elif sha256_file(path) != p["sha256"]:
                 problems.append(f"{p['file']} is damaged (sha256 differs)")
     if problems:
         raise HarnessError("; ".join(problems) + "; nothing was written", "carry those pieces (again), then join")
@@ -147,7 +140,7 @@ def join(folder: Path, out: Path, names: list[str] | None = None) -> list[Path]:
     for name in wanted:
         entry = manifest[name]
         target = out / name
-        if target.is_file() and target.stat().st_size == entry["size"] and _sha256(target) == entry["sha256"]:
+        if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
             written.append(target)
             continue
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")

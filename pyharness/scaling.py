@@ -120,11 +120,10 @@ class Scaling:
         return not self.parallel.failed and self.ratio <= TARGET_RATIO
 
 
-def bench_medians(db: Path, inv: Invocation) -> dict[tuple[str, str], float]:
+def bench_medians(store: Store, inv: Invocation) -> dict[tuple[str, str], float]:
     """Median t/s of every llama-bench test of the invocation's cells, by (cell, test)."""
     ids = {int(r["run_id"]): cell for cell, r in inv.cells.items()}
-    with Store(db) as store:
-        rows = store.conn.execute("SELECT run_id, test, median_ts FROM bench_test").fetchall()
+    rows = store.conn.execute("SELECT run_id, test, median_ts FROM bench_test").fetchall()
     return {(ids[r["run_id"]], str(r["test"])): float(r["median_ts"]) for r in rows if r["run_id"] in ids}
 
 
@@ -135,6 +134,7 @@ def compare(serial_db: Path, parallel_db: Path, matrix: str | None = None) -> Sc
     with Store(serial_db) as s, Store(parallel_db) as p:
         serial = load_invocation(s, matrix)
         parallel = load_invocation(p, matrix or str(serial.row["matrix"]))
+        serial_ts, parallel_ts = bench_medians(s, serial), bench_medians(p, parallel)
     if serial.row["matrix"] != parallel.row["matrix"]:
         raise HarnessError(
             f"the stores hold different matrices ('{serial.row['matrix']}' and '{parallel.row['matrix']}')",
@@ -155,8 +155,8 @@ def compare(serial_db: Path, parallel_db: Path, matrix: str | None = None) -> Sc
         matrix=str(serial.row["matrix"]),
         serial=serial,
         parallel=parallel,
-        serial_ts=bench_medians(serial_db, serial),
-        parallel_ts=bench_medians(parallel_db, parallel),
+        serial_ts=serial_ts,
+        parallel_ts=parallel_ts,
     )
 
 

@@ -35,11 +35,14 @@ def check_gpu_kind(spec: MatrixSpec, gpu_name: str) -> None:
 def one_gpu_per_cell(spec: MatrixSpec, gpu_count: int) -> Iterator[str | None]:
     """Make only the first visible GPU visible to the matrix's tools while it runs (CUDA_VISIBLE_DEVICES)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    listed = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else None
-    if "cuda" not in spec.backends or (listed is None and gpu_count <= 1) or (listed is not None and len(listed) <= 1):
+    if visible is None:
+        listed = [str(i) for i in range(gpu_count)]
+    else:
+        listed = [d.strip() for d in visible.split(",") if d.strip()]
+    if "cuda" not in spec.backends or len(listed) <= 1:
         yield visible
         return
-    first = listed[0] if listed else "0"
+    first = listed[0]
     os.environ["CUDA_VISIBLE_DEVICES"] = first
     print(
         f"matrix {spec.name}: GPU cells run on GPU {first} alone (CUDA_VISIBLE_DEVICES={first}), one GPU per cell as "
