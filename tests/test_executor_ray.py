@@ -231,11 +231,23 @@ def test_ctrl_c_cancels_outstanding_cells_and_a_rerun_resumes(cluster: Cluster, 
     spec = fake_matrix(tmp_path, "interrupted", extras)
     db = tmp_path / "r.sqlite"
 
+    def stored_rows() -> int:
+        if not db.exists():
+            return 0
+        with sqlite3.connect(db, timeout=60) as conn:  # the store commits each run's rows on their own
+            try:
+                return int(conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+            except sqlite3.OperationalError:  # the table is not there yet
+                return 0
+
     def interrupt_after_two() -> None:
-        # two cells done and another one running (on a loaded machine Ray may start the next cells late)
+        # two cells done, one of them already stored by the driver (a cell's marker is written before its result
+        # reaches the driver), and another one running (on a loaded machine Ray may start the next cells late)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and (
-            markers(fresh, "finished") < 2 or markers(fresh, "started") <= markers(fresh, "finished")
+            markers(fresh, "finished") < 2
+            or stored_rows() < 1
+            or markers(fresh, "started") <= markers(fresh, "finished")
         ):
             time.sleep(0.05)
         _thread.interrupt_main()  # Ctrl-C
