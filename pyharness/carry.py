@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,25 +94,57 @@ def split(files: list[Path], out: Path, max_bytes: int) -> dict[str, list[Piece]
     return made
 
 
-def plan(folder: Path, limit_bytes: int, first_extra: int = 0) -> list[list[str]]:
-    """The pieces grouped into calls of at most limit_bytes each (the manifest travels in every call; the first
-    call also carries first_extra bytes of other paths)."""
+def plan(folder: Path, limit_bytes: int, first_extra: int = 0, tree: int = 0) -> list[list[str]]:
+    """The pieces grouped into calls of at most limit_bytes each. Every call carries the working tree (`tree` bytes)
+    and the manifest; the first call also carries first_extra bytes of other paths (and the pieces that fit beside
+    them)."""
     manifest = read_manifest(folder)
     if not manifest:
         raise HarnessError(f"no {MANIFEST} in {folder}", "run `pyharness carry split` first")
-    overhead = (folder / MANIFEST).stat().st_size
+    overhead = (folder / MANIFEST).stat().st_size + tree
+    if first_extra + overhead > limit_bytes:
+        raise HarnessError(
+            f"the first call's other paths ({first_extra / MIB:.1f} MiB) and the working tree ({tree / MIB:.1f} MiB) "
+            f"are over the limit of one call ({limit_bytes / MIB:.0f} MiB)",
+            "carry fewer paths in the first call",
+        )
+    # first fit, largest pieces first: the fewest calls in practice (the order of the calls does not matter, `join`
+    # runs after the last one)
     calls: list[list[str]] = [[]]
-    used = first_extra + overhead
-    for name in sorted(manifest):
-        for p in manifest[name]["pieces"]:
-            if p["size"] + overhead > limit_bytes:
-                raise HarnessError(f"piece {p['file']} is over the limit of one call", "split with smaller pieces")
-            if used + p["size"] > limit_bytes and calls[-1]:
-                calls.append([])
-                used = overhead
-            calls[-1].append(p["file"])
-            used += p["size"]
-    return calls
+    used = [first_extra + overhead]
+    pieces = sorted((p for name in sorted(manifest) for p in manifest[name]["pieces"]), key=lambda p: -p["size"])
+    for p in pieces:
+        if p["size"] + overhead > limit_bytes:
+            raise HarnessError(
+                f"piece {p['file']} ({p['size'] / MIB:.1f} MiB) and the working tree ({tree / MIB:.1f} MiB) are "
+                f"over the limit of one call ({limit_bytes / MIB:.0f} MiB)",
+                "split with smaller pieces (--max-mib)",
+            )
+        room = next((i for i, u in enumerate(used) if u + p["size"] <= limit_bytes), None)
+        if room is None:
+            calls.append([])
+            used.append(overhead)
+            room = len(calls) - 1
+        calls[room].append(p["file"])
+        used[room] += p["size"]
+    return [sorted(call) for call in calls if call or first_extra]
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes of the working tree that travels with every call (tracked and untracked-not-ignored files); 0 outside
+    a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=root, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return 0
+    total = 0
+    for name in out.decode().split("\0"):
+        path = root / name
+        if name and path.is_file():
+            total += path.stat().st_size
+    return total
 
 
 def join(folder: Path, out: Path, names: list[str] | None = None) -> list[Path]:

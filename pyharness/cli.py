@@ -137,7 +137,8 @@ def cmd_carry(args: argparse.Namespace) -> int:
         for name, parts in carry.split([Path(f) for f in args.files], pieces, int(args.max_mib * carry.MIB)).items():
             print(f"{name}: {len(parts)} piece(s) in {pieces}")
     extra = sum(Path(p).stat().st_size for p in args.first_extra or [])
-    for i, call in enumerate(carry.plan(pieces, int(args.limit_mib * carry.MIB), extra), 1):
+    tree = carry.tree_bytes(Path.cwd()) if args.tree_mib is None else int(args.tree_mib * carry.MIB)
+    for i, call in enumerate(carry.plan(pieces, int(args.limit_mib * carry.MIB), extra, tree), 1):
         paths = [str(pieces / carry.MANIFEST)] + [str(pieces / f) for f in call]
         if i == 1:
             paths = list(args.first_extra or []) + paths
@@ -220,8 +221,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["split", "plan", "join"])
     p.add_argument("files", nargs="*", help="split: the files; join: only these (default: every file recorded)")
     p.add_argument("--pieces", default=".carry/pieces", help="the pieces' folder (default .carry/pieces)")
-    p.add_argument("--max-mib", type=float, default=60.0, help="split: largest piece, MiB (default 60)")
+    p.add_argument("--max-mib", type=float, default=56.0, help="split: largest piece, MiB (default 56)")
     p.add_argument("--limit-mib", type=float, default=64.0, help="split/plan: carried MiB per call (default 64)")
+    p.add_argument(
+        "--tree-mib",
+        type=float,
+        help="split/plan: MiB of the working tree every call carries (default: measured with git here)",
+    )
     p.add_argument("--first-extra", nargs="*", metavar="PATH", help="split/plan: other paths the first call carries")
     p.add_argument("--out", default=".cache-pyharness/models", help="join: where the files go")
     p.set_defaults(func=cmd_carry)

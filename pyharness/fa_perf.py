@@ -4,6 +4,10 @@
 module parses those lines (nothing else is read), groups the cases by shape, and shows each K/V type's time and the
 ratios of the baselines over the candidate type, so a kernel and its baselines measured in one run are compared
 without typing a number by hand.
+
+FLASH_ATTN_PAGED lines (the paged op) join the same table: a case with one sequence and every head holding all `kv`
+slots has the shape of a FLASH_ATTN_EXT case (`nr` is its GQA), under the type `paged-<type>` (with `-p<page size>`
+when not 64, and `-s<sequences>` for several sequences of `kv` slots each).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 from pyharness.errors import HarnessError
 from pyharness.report import md_table
 
-LINE = re.compile(r"FLASH_ATTN_EXT\((?P<params>[^)]*)\):\s+(?P<runs>\d+) runs -\s+(?P<us>[0-9.]+) us/run")
+LINE = re.compile(r"FLASH_ATTN_(?P<op>EXT|PAGED)\((?P<params>[^)]*)\):\s+(?P<runs>\d+) runs -\s+(?P<us>[0-9.]+) us/run")
 SHAPE_KEYS = ("hsk", "nr23", "kv", "nb")
 
 
@@ -31,6 +35,13 @@ class FaCase:
 
     @property
     def kv_type(self) -> str:
+        if "type_KV" in self.params:  # the paged op
+            name = f"paged-{self.params['type_KV']}"
+            if self.params.get("page_size", "64") != "64":
+                name += f"-p{self.params['page_size']}"
+            if self.params.get("n_seq", "1") != "1":
+                name += f"-s{self.params['n_seq']}"
+            return name
         k, v = self.params.get("type_K", "?"), self.params.get("type_V", "?")
         return k if k == v else f"{k}/{v}"
 
@@ -53,7 +64,15 @@ def split_params(text: str) -> dict[str, str]:
 
 
 def parse(text: str) -> list[FaCase]:
-    return [FaCase(split_params(m["params"]), float(m["us"])) for m in LINE.finditer(text)]
+    cases = []
+    for m in LINE.finditer(text):
+        params = split_params(m["params"])
+        if m["op"] == "PAGED":
+            if params.get("uneven", "0") != "0" or params.get("hsk") != params.get("hsv"):
+                continue  # no flash_attn_ext shape to stand beside
+            params["nr23"] = f"[{params.get('nr', '1')},1]"
+        cases.append(FaCase(params, float(m["us"])))
+    return cases
 
 
 def gqa(nr23: str) -> str:

@@ -88,10 +88,31 @@ def test_cli_prints_the_calls(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     f = random_file(tmp_path / "m.gguf", 3 * carry.MIB, 9)
     extra = random_file(tmp_path / "src.tar.gz", carry.MIB // 2, 10)
     pieces = tmp_path / "pieces"
-    args = ["carry", "split", str(f), "--pieces", str(pieces), "--max-mib", "1", "--limit-mib", "2"]
+    args = ["carry", "split", str(f), "--pieces", str(pieces), "--max-mib", "1", "--limit-mib", "2", "--tree-mib", "0"]
     assert main([*args, "--first-extra", str(extra)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("call ")]
     first = json.loads(lines[0].split("carry ", 1)[1])
     assert first[0] == str(extra) and first[1].endswith("manifest.json") and len(lines) == 3
     assert main(["carry", "join", "--pieces", str(pieces), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "m.gguf").read_bytes() == f.read_bytes()
+
+
+def test_plan_counts_the_working_tree_and_gives_large_extras_a_call_of_their_own(tmp_path: Path) -> None:
+    pieces = tmp_path / "pieces"
+    carry.split([random_file(tmp_path / "m.bin", 2 * carry.MIB, 11)], pieces, carry.MIB)
+    assert carry.plan(pieces, int(2.5 * carry.MIB)) == [["m.bin.part00", "m.bin.part01"]]
+    # the tree travels with every call: one piece per call then
+    assert carry.plan(pieces, int(2.5 * carry.MIB), tree=carry.MIB) == [["m.bin.part00"], ["m.bin.part01"]]
+    # other paths that leave no room for a piece go alone in the first call (not over the limit beside a piece)
+    calls = carry.plan(pieces, int(2.5 * carry.MIB), first_extra=2 * carry.MIB)
+    assert calls == [[], ["m.bin.part00", "m.bin.part01"]]
+    # pieces fill the calls largest first: a, b, c of 1, 2 and 1 MiB take two calls of 2 MiB (b; a and c), not three
+    packed = tmp_path / "packed"
+    for name, mib in (("a", 1), ("b", 2), ("c", 1)):
+        carry.split([random_file(tmp_path / name, mib * carry.MIB, 12)], packed, 2 * carry.MIB)
+    overhead = (packed / carry.MANIFEST).stat().st_size
+    assert carry.plan(packed, 2 * carry.MIB + overhead) == [["b.part00"], ["a.part00", "c.part00"]]
+    with pytest.raises(HarnessError, match="working tree"):
+        carry.plan(pieces, int(2.5 * carry.MIB), tree=2 * carry.MIB)
+    with pytest.raises(HarnessError, match="first call's other paths"):
+        carry.plan(pieces, int(2.5 * carry.MIB), first_extra=3 * carry.MIB)

@@ -39,3 +39,28 @@ def test_missing_candidate_or_empty_log_is_an_error() -> None:
         table(parse("nothing here"), "q8_kv")
     with pytest.raises(HarnessError, match="q8_kv"):
         table(parse(line("f16", 30.0)), "q8_kv")
+
+
+def paged(us: float, *, nb: int = 1, nr: int = 4, n_seq: int = 1, page: int = 64, uneven: int = 0) -> str:
+    return (
+        f"  FLASH_ATTN_PAGED(hsk=128,hsv=128,nh=8,nr={nr},kv=16384,nb={nb},n_seq={n_seq},page_size={page},"
+        f"type_KV=f16,uneven={uneven},sinks=0,max_bias=0.000000,logit_softcap=0.000000,n_swa=0):"
+        f"      120 runs -    {us:.2f} us/run -  67.11 MFLOP/run -   2.73 GFLOPS"
+    )
+
+
+def test_paged_cases_stand_beside_flash_attn_ext_at_the_same_shape() -> None:
+    log = "\n".join(
+        [
+            line("f16", 30.0, nb=512),
+            paged(31.0, nb=512),
+            paged(33.0, nb=512, page=256),  # another page size: its own column
+            paged(90.0, nb=512, n_seq=4),  # four sequences of 16384 slots each: its own column
+            paged(10.0, nb=512, uneven=1),  # uneven lengths: no flash_attn_ext shape, left out
+            paged(12.0, nb=512, nr=8),  # GQA 8: another row
+        ]
+    )
+    cases = parse(log)
+    assert sorted(c.kv_type for c in cases) == ["f16", "paged-f16", "paged-f16", "paged-f16-p256", "paged-f16-s4"]
+    rows = [r for r in table(cases, "paged-f16", baselines=("f16",)).splitlines() if r.startswith("| 128")]
+    assert rows == ["| 128 | 4 | 16384 | 512 | 30.00 | 31.00 | 0.97x |", "| 128 | 8 | 16384 | 512 | - | 12.00 | - |"]
