@@ -1,0 +1,58 @@
+"""The paged KV cache (--kv-cache paged, llama_init_from_model_paged) against the standard cache, in-process through
+llama-cpp-python on the patched CPU build (tests/fixtures/paged_probe.py does the decoding; it prints JSON).
+
+Four sequences decode greedily together, one of them a copy of another's prompt (llama_memory_seq_cp shares its
+pages). Every logits row read must be bitwise the standard cache's and the greedy tokens identical. With a seq_rm of
+one sequence's last tokens, the other sequences must not notice and that sequence must replay its rows exactly. A
+pool too small fails the batch with llama_decode's "no memory slot" status and leaves every sequence as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyharness.bindings import library_dir
+from pyharness.models import get_model
+
+PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_probe.py"
+
+
+def probe(*args: str) -> dict[str, Any]:
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(library_dir("patched"))}
+    proc = subprocess.run(
+        [sys.executable, str(PROBE), str(get_model("smollm2-135m")), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_paged_cache_gives_the_standard_caches_logits_bit_for_bit() -> None:
+    r = probe()
+    assert r["decode_failed"] == [[], [], [], [], []]
+    assert r["rows"] > 150 and r["tokens_generated"] == 3 * 48 + 24
+    assert r["bitwise_equal"], "a logits row differs from the standard cache's"
+    assert r["greedy_identical"]
+    assert r["pos_max"]["paged"] == r["pos_max"]["standard"]
+    # seq_rm of sequence 1: the others unchanged, sequence 1 replays its rows
+    assert r["rm_others_unchanged"] and r["rm_replay_equal"]
+
+
+def test_a_pool_too_small_fails_the_batch_and_changes_nothing() -> None:
+    # 16 tokens per KV head: one page of 64 slots per (sequence, head) and a few spare pages, so the sequences run out
+    # of pages somewhere past 64 tokens
+    r = probe("--paged-only", "--pool-tokens", "16", "--n-gen", "80")
+    assert r["decode_failed"] == [1], "llama_decode should report no memory slot (1)"
+    failed = r["failed_at"]
+    assert 40 < failed["step"] < 80
+    assert r["pos_max"] == [p - 1 for p in failed["next_pos"]], "the failed batch left tokens behind"
