@@ -133,6 +133,12 @@ def test_kv_cache_size_is_llama_cpps_own_summed_over_its_caches() -> None:
         "K (q8_kv): 15.47 MiB, V (q8_kv): 15.47 MiB\n"
     )
     assert ppl.parse_kv_mib(iswa) == 6.19 + 30.94  # the buffer-size lines are not counted twice
+    paged = (
+        "I llama_kv_cache_paged:        CPU KV buffer size =    45.70 MiB\n"
+        "I llama_kv_cache_paged: size =   45.70 MiB (    96 pages of 64 slots,  30 layers,  4 seqs), "
+        "K (f16):   22.50 MiB, V (f16):   22.50 MiB, positions: 0.70 MiB (1.56% of K+V)\n"
+    )
+    assert ppl.parse_kv_mib(paged) == 45.70
     assert ppl.parse_kv_mib("llama_kv_cache:        CPU KV buffer size =     6.19 MiB\n") is None
 
 

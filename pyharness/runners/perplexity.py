@@ -244,7 +244,9 @@ def parse_kld(output: str) -> dict[str, float]:
 
 
 # llama_kv_cache: size =   46.41 MiB (   256 cells,  30 layers, 16/16 seqs), K (q8_kv):   23.20 MiB, V (q8_kv): ...
-KV_SIZE_RE = re.compile(r"llama_kv_cache: size =\s*(" + NUM + r") MiB \(")
+# llama_kv_cache_paged: size =   45.70 MiB (    96 pages of 64 slots,  30 layers,  4 seqs), K (f16): ... (the paged
+# cache: its pools, positions included)
+KV_SIZE_RE = re.compile(r"llama_kv_cache(?:_paged)?: size =\s*(" + NUM + r") MiB \(")
 
 
 def parse_kv_mib(output: str) -> float | None:
