@@ -515,12 +515,12 @@ def ppl_section(rows: list[dict[str, Any]]) -> str:
         "Same top %",
         "KLD base",
     ]
-    # KV cache size against the f16 cache of the same model, context and variant (llama.cpp's own log line)
-    f16_kv = {
-        (r["model"], r["ctx"], r["variant"]): r["kv_mib"]
-        for r in ordered
-        if r.get("kv_mib") and r["type_k"] == "f16" and r["type_v"] == "f16"
-    }
+    # KV cache size against the f16 cache of the same model, context and variant (llama.cpp's own log line): the one
+    # run without extra flags, else the first (extra flags can change the cache itself, e.g. --kv-cache paged)
+    f16_kv: dict[tuple[Any, Any, Any], Any] = {}
+    for r in sorted(ordered, key=lambda r: bool(r["extra"])):
+        if r.get("kv_mib") and r["type_k"] == "f16" and r["type_v"] == "f16":
+            f16_kv.setdefault((r["model"], r["ctx"], r["variant"]), r["kv_mib"])
     body = []
     for r in ordered:
         has_kld = r.get("kld_mean") is not None
@@ -551,8 +551,8 @@ def ppl_section(rows: list[dict[str, Any]]) -> str:
         "against the base run named in the last column. llama-perplexity stores the base's log-probabilities as "
         "16-bit values, so a configuration identical to its base shows KLD ≈ 0 and 100 % same top token but a "
         "PPL ratio slightly different from 1: read ratios against that row, not against 1. KV MiB: the KV cache "
-        "size llama.cpp logs (`llama_kv_cache: size`, summed over its caches); KV / f16: against the f16 cache of "
-        "the same model, context and variant.\n"
+        "size llama.cpp logs (`llama_kv_cache: size`, summed over its caches; the paged cache's pools with their "
+        "positions); KV / f16: against the f16 cache of the same model, context and variant without extra flags.\n"
     )
 
 
