@@ -6,16 +6,15 @@ of them; this runs it from the patched CPU build that CI makes before the test s
 
 from __future__ import annotations
 
-import subprocess
+import sys
+from pathlib import Path
 
-from pyharness import paths
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+import evalkit
 
 
 def test_cpu_reference_is_within_its_nmse_bounds() -> None:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "test-flash-attn-int8"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
-    proc = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if "NMSE" in ln]
-    assert len(lines) >= 6 and all(ln.endswith("OK") for ln in lines), proc.stdout
-    assert "all cases within bounds" in proc.stdout
+    out = evalkit.run_patched_cpu_test("test-flash-attn-int8")
+    lines = [ln for ln in out.splitlines() if "NMSE" in ln]
+    assert len(lines) >= 6 and all(ln.endswith("OK") for ln in lines), out
+    assert "all cases within bounds" in out

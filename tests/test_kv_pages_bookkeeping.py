@@ -9,23 +9,22 @@ runs exercised full pools and shared pages (page copies).
 from __future__ import annotations
 
 import re
-import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pyharness import paths
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+import evalkit
 
 
 @pytest.mark.parametrize("seed", ["42", "7"])
 def test_pages_hold_exactly_each_sequences_tokens(seed: str) -> None:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "test-kv-pages"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
-    proc = subprocess.run([str(binary), seed], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
-    assert len(runs) >= 20 and all(ln.startswith("ok") for ln in runs), proc.stdout
-    refused = [int(m) for m in re.findall(r"(\d+) appends refused", proc.stdout)]
-    copies = [int(m) for m in re.findall(r"(\d+) page copies", proc.stdout)]
+    out = evalkit.run_patched_cpu_test("test-kv-pages", seed)
+    runs = [ln for ln in out.splitlines() if ln.startswith(("ok", "FAIL"))]
+    assert len(runs) >= 20 and all(ln.startswith("ok") for ln in runs), out
+    refused = [int(m) for m in re.findall(r"(\d+) appends refused", out)]
+    copies = [int(m) for m in re.findall(r"(\d+) page copies", out)]
     assert sum(refused) > 0, "no run filled its pool"
     assert sum(c > 0 for c in copies) >= len(copies) // 2, "shared pages were rarely written"
-    assert re.search(rf"{len(runs)}/{len(runs)} runs passed", proc.stdout)
+    assert re.search(rf"{len(runs)}/{len(runs)} runs passed", out)

@@ -9,25 +9,24 @@ elsewhere. This runs it from the patched CPU build that CI makes before the test
 from __future__ import annotations
 
 import re
-import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pyharness import paths
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+import evalkit
 
 
 @pytest.mark.parametrize("seed", ["1234", "7"])
 def test_paged_op_equals_flash_attn_ext_over_the_same_keys(seed: str) -> None:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "test-flash-attn-paged"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
-    proc = subprocess.run([str(binary), seed], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    cases = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
-    assert len(cases) >= 100 and all(ln.startswith("ok") for ln in cases), proc.stdout
+    out = evalkit.run_patched_cpu_test("test-flash-attn-paged", seed)
+    cases = [ln for ln in out.splitlines() if ln.startswith(("ok", "FAIL"))]
+    assert len(cases) >= 100 and all(ln.startswith("ok") for ln in cases), out
     # the bitwise comparison must have covered most cases, quantized pages, GQA 8 and sliding windows among them (with
     # sinks, the last bit of some rows may differ where the compiler contracts a rescale into an FMA)
     bitwise = [ln for ln in cases if "(bitwise" in ln]
     assert len(bitwise) >= len(cases) // 2
     for needle in ("q8_0", "q8_kv", "head=16/2", "swa=64", "holes", "pad", "sinks"):
         assert any(needle in ln for ln in bitwise), f"no bitwise case with {needle}"
-    assert re.search(rf"{len(cases)}/{len(cases)} cases passed", proc.stdout)
+    assert re.search(rf"{len(cases)}/{len(cases)} cases passed", out)
