@@ -7,7 +7,8 @@ without typing a number by hand.
 
 FLASH_ATTN_PAGED lines (the paged op) join the same table: a case with one sequence and every head holding all `kv`
 slots has the shape of a FLASH_ATTN_EXT case (`nr` is its GQA), under the type `paged-<type>` (with `-p<page size>`
-when not 64, and `-s<sequences>` for several sequences of `kv` slots each).
+when not 64). Several sequences of `kv` slots each, `nb` tokens spread evenly over them, have the shape of
+FLASH_ATTN_EXT with one stream per sequence (`nr23=[nr,n_seq]`, `nb/n_seq` tokens per stream).
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ class FaCase:
             name = f"paged-{self.params['type_KV']}"
             if self.params.get("page_size", "64") != "64":
                 name += f"-p{self.params['page_size']}"
-            if self.params.get("n_seq", "1") != "1":
-                name += f"-s{self.params['n_seq']}"
             return name
         k, v = self.params.get("type_K", "?"), self.params.get("type_V", "?")
         return k if k == v else f"{k}/{v}"
@@ -70,13 +69,24 @@ def parse(text: str) -> list[FaCase]:
         if m["op"] == "PAGED":
             if params.get("uneven", "0") != "0" or params.get("hsk") != params.get("hsv"):
                 continue  # no flash_attn_ext shape to stand beside
-            params["nr23"] = f"[{params.get('nr', '1')},1]"
+            n_seq = int(params.get("n_seq", "1"))
+            nb = int(params.get("nb", "1"))
+            if nb % n_seq != 0:
+                continue  # sequences of unequal token counts: no flash_attn_ext shape
+            params["nr23"] = f"[{params.get('nr', '1')},{n_seq}]"
+            params["nb"] = str(nb // n_seq)
         cases.append(FaCase(params, float(m["us"])))
     return cases
 
 
 def gqa(nr23: str) -> str:
     return nr23.strip("[]").split(",")[0]
+
+
+def streams(nr23: str) -> str:
+    """Sequences, each with K/V of its own (flash_attn_ext's ne[3])."""
+    parts = nr23.strip("[]").split(",")
+    return parts[1] if len(parts) > 1 else "1"
 
 
 def table(cases: list[FaCase], candidate: str, baselines: tuple[str, ...] = ("f16", "q8_0")) -> str:
@@ -94,13 +104,16 @@ def table(cases: list[FaCase], candidate: str, baselines: tuple[str, ...] = ("f1
             f"no case with K/V type {candidate!r} in the log (types found: {sorted({c.kv_type for c in cases})})"
         )
     ratios = [b for b in baselines if b in types]
-    headers = ["head dim", "GQA", "kv", "nb", *[f"{t} (us)" for t in types], *[f"{b} / {candidate}" for b in ratios]]
+    with_seqs = any(streams(shape[1]) != "1" for shape in times)
+    headers = ["head dim", "GQA", *(["seqs"] if with_seqs else []), "kv", "nb"]
+    headers += [*[f"{t} (us)" for t in types], *[f"{b} / {candidate}" for b in ratios]]
     body = []
     for shape in sorted(
-        times, key=lambda s: tuple(int(x) if x.isdigit() else 0 for x in (s[0], gqa(s[1]), s[2], s[3]))
+        times,
+        key=lambda s: tuple(int(x) if x.isdigit() else 0 for x in (s[0], gqa(s[1]), streams(s[1]), s[2], s[3])),
     ):
         med = {t: statistics.median(v) for t, v in times[shape].items()}
-        row = [shape[0], gqa(shape[1]), shape[2], shape[3]]
+        row = [shape[0], gqa(shape[1]), *([streams(shape[1])] if with_seqs else []), shape[2], shape[3]]
         row += [f"{med[t]:.2f}" if t in med else "-" for t in types]
         row += [f"{med[b] / med[candidate]:.2f}x" if b in med and candidate in med else "-" for b in ratios]
         body.append(row)

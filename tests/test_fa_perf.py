@@ -8,9 +8,9 @@ from pyharness.errors import HarnessError
 from pyharness.fa_perf import parse, split_params, table
 
 
-def line(kv_type: str, us: float, nb: int = 1, nr2: int = 4) -> str:
+def line(kv_type: str, us: float, nb: int = 1, nr2: int = 4, nr3: int = 1) -> str:
     return (
-        f"  FLASH_ATTN_EXT(hsk=128,hsv=128,nh=8,nr23=[{nr2},1],kv=16384,nb={nb},mask=1,sinks=0,max_bias=0.000000,"
+        f"  FLASH_ATTN_EXT(hsk=128,hsv=128,nh=8,nr23=[{nr2},{nr3}],kv=16384,nb={nb},mask=1,sinks=0,max_bias=0.000000,"
         f"logit_softcap=0.000000,prec=f32,type_K={kv_type},type_V={kv_type},permute=[0,1,2,3],kv_view=1,"
         f"v_is_view_of_k=0,n_kv_max=0):      29840 runs -    {us:.2f} us/run - 268.44 MFLOP/run -   7.97 TFLOPS"
     )
@@ -55,12 +55,18 @@ def test_paged_cases_stand_beside_flash_attn_ext_at_the_same_shape() -> None:
             line("f16", 30.0, nb=512),
             paged(31.0, nb=512),
             paged(33.0, nb=512, page=256),  # another page size: its own column
-            paged(90.0, nb=512, n_seq=4),  # four sequences of 16384 slots each: its own column
+            paged(90.0, nb=2048, n_seq=4),  # four sequences of 512 tokens: flash_attn_ext's 4 streams
+            line("f16", 80.0, nb=512, nr3=4),
+            paged(9.0, nb=6, n_seq=4),  # unequal tokens per sequence: left out
             paged(10.0, nb=512, uneven=1),  # uneven lengths: no flash_attn_ext shape, left out
             paged(12.0, nb=512, nr=8),  # GQA 8: another row
         ]
     )
     cases = parse(log)
-    assert sorted(c.kv_type for c in cases) == ["f16", "paged-f16", "paged-f16", "paged-f16-p256", "paged-f16-s4"]
+    assert sorted(c.kv_type for c in cases) == ["f16", "f16", "paged-f16", "paged-f16", "paged-f16", "paged-f16-p256"]
     rows = [r for r in table(cases, "paged-f16", baselines=("f16",)).splitlines() if r.startswith("| 128")]
-    assert rows == ["| 128 | 4 | 16384 | 512 | 30.00 | 31.00 | 0.97x |", "| 128 | 8 | 16384 | 512 | - | 12.00 | - |"]
+    assert rows == [
+        "| 128 | 4 | 1 | 16384 | 512 | 30.00 | 31.00 | 0.97x |",
+        "| 128 | 4 | 4 | 16384 | 512 | 80.00 | 90.00 | 0.89x |",
+        "| 128 | 8 | 1 | 16384 | 512 | - | 12.00 | - |",
+    ]
