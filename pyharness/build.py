@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,12 @@ COMMON_FLAGS = (
     "-DLLAMA_BUILD_APP=OFF",
     "-DLLAMA_OPENSSL=OFF",
 )
+# Targets that CMake defines only when an option is on: the options they need, which replace COMMON_FLAGS' value of
+# the same option. llama-server is built without its web UI (no download of prebuilt assets; the API is what the
+# harness uses).
+TARGET_OPTIONS: dict[str, tuple[str, ...]] = {
+    "llama-server": ("-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF"),
+}
 
 
 @dataclass
@@ -119,6 +126,11 @@ def feature_targets(root: Path) -> list[str]:
     return targets
 
 
+def variant_targets(variant: str, root: Path) -> list[str]:
+    """The targets a build of the variant makes: the base ones, and for the patched variant its features' too."""
+    return list(BASE_TARGETS) + (feature_targets(root) if variant == "patched" else [])
+
+
 def variant_commit(variant: str, root: Path) -> tuple[str, bool]:
     """(commit to build, whether it is exactly the series in patches/)."""
     repo = paths.vendor_dir(root)
@@ -169,8 +181,23 @@ def link_source(build_dir: Path, tree: Path) -> Path:
     return link
 
 
-def cmake_flags(backend: str, cuda_arch: str, extra: list[str]) -> list[str]:
+def set_option(flags: list[str], option: str) -> None:
+    """Set a `-DNAME=VALUE` flag in place: replace the flag of the same NAME, or append it."""
+    name = option.split("=", 1)[0]
+    for i, flag in enumerate(flags):
+        if flag.split("=", 1)[0] == name:
+            flags[i] = option
+            return
+    flags.append(option)
+
+
+def cmake_flags(backend: str, cuda_arch: str, extra: list[str], targets: Sequence[str] = ()) -> list[str]:
+    """CMake flags of a build: COMMON_FLAGS, the options its targets need (TARGET_OPTIONS), the compiler launchers,
+    the backend's, then `extra`."""
     flags = list(COMMON_FLAGS)
+    for target in targets:
+        for option in TARGET_OPTIONS.get(target, ()):
+            set_option(flags, option)
     if shutil.which("ccache"):
         flags += [f"-DCMAKE_{lang}_COMPILER_LAUNCHER=ccache" for lang in ("C", "CXX")]
     if backend == "cuda":
@@ -275,8 +302,8 @@ def build(
     meta.unlink(missing_ok=True)
     log = build_dir / "build.log"
     log.write_text(f"# pyharness build {variant}-{backend} at {commit}\n")
-    flags = cmake_flags(backend, cuda_arch, extra_flags or [])
-    targets = list(BASE_TARGETS) + (feature_targets(root) if variant == "patched" else [])
+    targets = variant_targets(variant, root)
+    flags = cmake_flags(backend, cuda_arch, extra_flags or [], targets)
     configure(link_source(build_dir, tree), build_dir, flags, root, log)
     ninja(build_dir, targets, root, log, jobs)
     info = BuildInfo(

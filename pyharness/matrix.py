@@ -54,6 +54,19 @@ File format
     n_gen = 128
     repetitions = 3
 
+    [[eval]]
+    kind = "paged-generate"             # standard vs paged KV cache: greedy tokens of several sequences at once
+    n_gen = 256                         # tokens per sequence (one token of each sequence per step)
+    # ctx = 2048, ubatch = 512, page_size = 64, prompts = ["...", ...] (default: 4 prompts)
+
+    [[eval]]
+    kind = "paged-server"               # llama-server --parallel N, standard vs --kv-cache paged
+    parallel = 4
+    n_predict = 128
+    repeats = 2                         # trials per cache and mode (determinism)
+    modes = ["concurrent", "sequential"]
+    # ctx = 2048, prompts = [...]; [flags] extra goes to both servers
+
     [[exclude]]                         # drop the cells matching every key given
     variant = "upstream"
     extra = ["--flag"]
@@ -71,7 +84,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +102,12 @@ from pyharness.runners import (
 )
 from pyharness.runners.bench import BenchParams, OpsParams, bench_config, run_backend_ops, run_bench
 from pyharness.runners.decode import DecodeParams, run_decode
+from pyharness.runners.paged import (
+    PagedGenerateParams,
+    PagedServerParams,
+    run_paged_generation,
+    run_paged_server,
+)
 from pyharness.runners.perplexity import (
     KV_TYPES,
     UNQUANTIZED_KV,
@@ -128,6 +147,9 @@ EVAL_KEYS = {
         "threads",
     },
 }
+EVAL_KEYS["paged-generate"] = {"kind", "name", "n_gen", "ctx", "ubatch", "page_size", "prompts"}
+EVAL_KEYS["paged-server"] = {"kind", "name", "parallel", "n_predict", "ctx", "repeats", "modes", "prompts"}
+PAGED_KINDS = ("paged-generate", "paged-server")
 KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
 EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
 
@@ -593,6 +615,8 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
         name = ev.get("name") or "sampler({} v{} r{})".format(
             ",".join(values["modes"]), ",".join(map(str, values["vocab"])), ",".join(map(str, values["rows"]))
         )
+    elif kind in PAGED_KINDS:
+        values, name = check_paged_eval(kind, index, ev, chk)
     else:
         mode = ev.get("mode", "perf")
         if mode not in ("perf", "test"):
@@ -607,6 +631,39 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
     if not isinstance(name, str):
         raise chk.fail(loc.key("eval", "name", index), "'name' must be a string")
     return EvalSpec(kind=kind, index=index, name=name, values=values)
+
+
+def check_paged_eval(kind: str, index: int, ev: dict[str, Any], chk: Checker) -> tuple[dict[str, Any], Any]:
+    """The values of a paged-generate or paged-server evaluation, and its name."""
+    from pyharness.paged_generation import PROMPTS
+    from pyharness.paged_server import MODES
+
+    loc = chk.loc
+
+    def one(key: str, default: int, minimum: int) -> int:
+        return _one_int(ev.get(key, default), loc.key("eval", key, index), key, chk, minimum)
+
+    prompts = ev.get("prompts", list(PROMPTS))
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise chk.fail(loc.key("eval", "prompts", index), "prompts must be a non-empty list of non-empty strings")
+    values: dict[str, Any] = {"ctx": one("ctx", 2048, 64), "prompts": list(prompts)}
+    if kind == "paged-generate":
+        values.update(n_gen=one("n_gen", 256, 1), ubatch=one("ubatch", 512, 1), page_size=one("page_size", 64, 1))
+        return values, ev.get("name") or f"paged-generate(n{values['n_gen']} x{len(prompts)} seqs)"
+    modes = ev.get("modes", list(MODES))
+    if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
+        raise chk.fail(loc.key("eval", "modes", index), f"modes must be a list of: {', '.join(MODES)}")
+    values.update(
+        parallel=one("parallel", 4, 1), n_predict=one("n_predict", 128, 1), repeats=one("repeats", 2, 1), modes=modes
+    )
+    if values["parallel"] < len(prompts):
+        raise chk.fail(
+            loc.key("eval", "parallel", index),
+            f"parallel = {values['parallel']} serves fewer requests at once than the {len(prompts)} prompts",
+            "raise parallel or give fewer prompts",
+        )
+    name = f"paged-server(np{values['parallel']} n{values['n_predict']} x{values['repeats']})"
+    return values, ev.get("name") or name
 
 
 def check_kld_base(base: Any, line: int, chk: Checker) -> dict[str, Any]:
@@ -670,12 +727,37 @@ def check_cell(cell: Cell, chk: Checker) -> None:
             f"{cell.flags['cache_type_k']}/{v} (cell {cell.label()})",
             'use kv = "q8_kv" with flash_attn = "int8", or exclude the cell with [[exclude]]',
         )
+    if cell.ev.kind in PAGED_KINDS:
+        check_paged_cell(cell, chk)
     if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind not in MODEL_FREE_KINDS:
         raise chk.fail(
             loc.key("flags", "n_gpu_layers"),
             f"contradictory flags: n_gpu_layers = {cell.flags['n_gpu_layers']} on the cpu backend "
             f"(cell {cell.label()})",
             "exclude backend cpu for it, or drop n_gpu_layers",
+        )
+
+
+def check_paged_cell(cell: Cell, chk: Checker) -> None:
+    """The paged evaluations compare the patched build's two f16 caches inside one run."""
+    loc = chk.loc
+    if cell.variant != "patched":
+        raise chk.fail(
+            loc.table("eval", cell.ev.index),
+            f"{cell.ev.kind} needs the patched variant (cell {cell.label()}): upstream has no paged cache",
+            'use variants = ["patched"] or exclude the upstream cells with [[exclude]]',
+        )
+    if cell.flags["cache_type_k"] != "f16" or cell.flags["cache_type_v"] != "f16":
+        raise chk.fail(
+            loc.key("flags", "kv"), f"{cell.ev.kind} runs f16 caches (cell {cell.label()})", 'use kv = "f16"'
+        )
+    if cell.flags["flash_attn"] == "int8":
+        raise chk.fail(loc.key("flags", "flash_attn"), f"{cell.ev.kind} takes flash_attn on, off or auto")
+    if cell.ev.kind == "paged-generate" and cell.flags["extra"]:
+        raise chk.fail(
+            loc.key("flags", "extra"),
+            f"paged-generate runs in-process and takes no tool arguments (cell {cell.label()})",
+            "drop [flags] extra, or exclude these cells for the extra arguments",
         )
 
 
@@ -795,6 +877,17 @@ def sampler_params(cell: Cell) -> SamplerBenchParams:
     return SamplerBenchParams(**cell.ev.values)
 
 
+def paged_generate_params(cell: Cell) -> PagedGenerateParams:
+    return PagedGenerateParams(**cell.ev.values, threads=cell.flags.get("threads"), flash_attn=cell.flags["flash_attn"])
+
+
+def paged_server_params(cell: Cell) -> PagedServerParams:
+    f = cell.flags
+    return PagedServerParams(
+        **cell.ev.values, threads=f.get("threads"), flash_attn=f["flash_attn"], extra=list(f["extra"])
+    )
+
+
 def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> str:
     if cell.ev.kind == "ppl":
         req = PplRequest(params=ppl_params(cell), text=cell_text(cell, text), kld=kld_base_of(cell), root=root)
@@ -807,6 +900,10 @@ def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None
         return decode_hash("decode", ctx.build, ctx.host, ctx.model, decode_params(cell).__dict__)
     from pyharness.runners import config_hash
 
+    if cell.ev.kind == "paged-generate":
+        return config_hash(cell.ev.kind, ctx.build, ctx.host, ctx.model, asdict(paged_generate_params(cell)))
+    if cell.ev.kind == "paged-server":
+        return config_hash(cell.ev.kind, ctx.build, ctx.host, ctx.model, asdict(paged_server_params(cell)))
     if cell.ev.kind == "sampler":
         return config_hash("sampler", ctx.build, ctx.host, NO_MODEL, sampler_params(cell).__dict__)
     return config_hash("ops", ctx.build, ctx.host, NO_MODEL, ops_params(cell).__dict__)
@@ -822,6 +919,10 @@ def run_cell(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -
         return run_sampler_bench(ctx, sampler_params(cell))
     if cell.ev.kind == "decode":
         return run_decode(ctx, decode_params(cell))
+    if cell.ev.kind == "paged-generate":
+        return run_paged_generation(ctx, paged_generate_params(cell))
+    if cell.ev.kind == "paged-server":
+        return run_paged_server(ctx, paged_server_params(cell))
     return run_backend_ops(ctx, ops_params(cell))
 
 

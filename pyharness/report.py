@@ -25,6 +25,7 @@ from typing import Any
 
 from pyharness.errors import HarnessError
 from pyharness.host import hardware_key
+from pyharness.paged_report import is_paged_metric, paged_sections
 from pyharness.store import Store
 
 BUSY_THRESHOLD = 0.10  # share of the machine's CPU used by other processes above which a bench is flagged
@@ -649,12 +650,19 @@ def build_report(
         parts += [heading, "", environment_block(group), ""]
         sampler = [r for r in f if SAMPLER_METRIC.match(r["metric"])]
         decode = [r for r in f if DECODE_METRIC.match(r["metric"])]
-        others = [r for r in f if not SAMPLER_METRIC.match(r["metric"]) and not DECODE_METRIC.match(r["metric"])]
+        others = [
+            r
+            for r in f
+            if not SAMPLER_METRIC.match(r["metric"])
+            and not DECODE_METRIC.match(r["metric"])
+            and not (r["feature"] == "paged-kv" and is_paged_metric(r["metric"]))
+        ]
         sections = (
             bench_section(b, baseline, candidate),
             ppl_section(p),
             sampler_section(sampler),
             decode_section(decode),
+            *paged_sections(group.runs),
             feature_section(others),
         )
         for section in sections:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyharness import paths
-from pyharness.build import BuildInfo, build_dir_for, cmake_flags, load_build
+from pyharness.build import BuildInfo, build_dir_for, cmake_flags, load_build, variant_targets
 from pyharness.errors import HarnessError
 from pyharness.file_lock import file_lock
 
@@ -69,7 +69,8 @@ def want_for(variant: str, backend: str, root: Path | None = None, cuda_arch: st
     from pyharness.vendor import load_pin
 
     root = root or paths.project_root()
-    flags = tuple(f for f in cmake_flags(backend, cuda_arch, []) if "COMPILER_LAUNCHER" not in f)
+    targets = variant_targets(variant, root)
+    flags = tuple(f for f in cmake_flags(backend, cuda_arch, [], targets) if "COMPILER_LAUNCHER" not in f)
     return BuildWant(
         variant=variant,
         backend=backend,
