@@ -65,7 +65,7 @@ File format
     n_predict = 128
     repeats = 2                         # trials per cache and mode (determinism)
     modes = ["concurrent", "sequential"]
-    # ctx = 2048, prompts = [...]; [flags] extra goes to both servers
+    # ctx = 2048, prompts = [...], server_args = ["-kvu"]; [flags] extra and server_args go to both servers
 
     [[exclude]]                         # drop the cells matching every key given
     variant = "upstream"
@@ -148,7 +148,17 @@ EVAL_KEYS = {
     },
 }
 EVAL_KEYS["paged-generate"] = {"kind", "name", "n_gen", "ctx", "ubatch", "page_size", "prompts"}
-EVAL_KEYS["paged-server"] = {"kind", "name", "parallel", "n_predict", "ctx", "repeats", "modes", "prompts"}
+EVAL_KEYS["paged-server"] = {
+    "kind",
+    "name",
+    "parallel",
+    "n_predict",
+    "ctx",
+    "repeats",
+    "modes",
+    "prompts",
+    "server_args",
+}
 PAGED_KINDS = ("paged-generate", "paged-server")
 KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
 EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
@@ -653,9 +663,14 @@ def check_paged_eval(kind: str, index: int, ev: dict[str, Any], chk: Checker) ->
     modes = ev.get("modes", list(MODES))
     if not isinstance(modes, list) or not modes or any(m not in MODES for m in modes):
         raise chk.fail(loc.key("eval", "modes", index), f"modes must be a list of: {', '.join(MODES)}")
+    server_args = ev.get("server_args", [])
+    if not isinstance(server_args, list) or not all(isinstance(a, str) for a in server_args):
+        raise chk.fail(loc.key("eval", "server_args", index), "server_args must be a list of llama-server arguments")
     values.update(
         parallel=one("parallel", 4, 1), n_predict=one("n_predict", 128, 1), repeats=one("repeats", 2, 1), modes=modes
     )
+    if server_args:
+        values["server_args"] = list(server_args)
     if values["parallel"] < len(prompts):
         raise chk.fail(
             loc.key("eval", "parallel", index),
@@ -882,10 +897,11 @@ def paged_generate_params(cell: Cell) -> PagedGenerateParams:
 
 
 def paged_server_params(cell: Cell) -> PagedServerParams:
+    """The eval's values, with [flags] extra and then the eval's own server_args as the servers' extra arguments."""
     f = cell.flags
-    return PagedServerParams(
-        **cell.ev.values, threads=f.get("threads"), flash_attn=f["flash_attn"], extra=list(f["extra"])
-    )
+    values = {k: v for k, v in cell.ev.values.items() if k != "server_args"}
+    extra = [*f["extra"], *cell.ev.values.get("server_args", [])]
+    return PagedServerParams(**values, threads=f.get("threads"), flash_attn=f["flash_attn"], extra=extra)
 
 
 def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> str:

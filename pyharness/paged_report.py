@@ -54,6 +54,14 @@ def _worker_json(run: dict[str, Any]) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def size_lines(lines: Sequence[str], cache: str) -> str:
+    """llama.cpp's size line(s) of the cache a context made (an iSWA cache logs two), each once, as inline code.
+    Only the cache's own lines: llama-server's memory fit first makes a probe context with the standard cache."""
+    key = "llama_kv_cache_paged: size =" if cache == "paged" else "llama_kv_cache: size ="
+    found = list(dict.fromkeys(ln.strip() for ln in lines if key in ln))
+    return "; ".join(f"`{ln}`" for ln in found) or "no size line logged"
+
+
 # ------------------------------------------------------------------------------------------------ generation
 
 
@@ -80,8 +88,7 @@ def generation_section(runs: Sequence[dict[str, Any]]) -> str:
         )
         parts.append("")
         for cache in ("standard", "paged"):
-            size = [ln for ln in d["logs"].get(cache, []) if "size =" in ln and "buffer" not in ln]
-            parts.append(f"- {cache} cache: `{size[0].strip() if size else 'no size line logged'}`")
+            parts.append(f"- {cache} cache: {size_lines(d['logs'].get(cache, []), cache)}")
         parts.append("")
         rows = []
         for s in d["sequences"]:
@@ -125,7 +132,11 @@ def server_verdict(summary: dict[str, Any]) -> str:
 
     modes = [m for m in across if across[m] is not None]
     if not modes:
-        return "The caches could not be compared: answers are missing."
+        counts = []
+        for cache in ("standard", "paged"):
+            got = [v for k, v in summary["answered"].items() if k.startswith(cache + " ")]
+            counts.append(f"the {cache} cache answered {sum(g[0] for g in got)} of {sum(g[1] for g in got)} requests")
+        return f"The caches could not be compared: {counts[0]}, {counts[1]}."
     if all(same(m) for m in modes):
         return "The standard and the paged cache gave every prompt the same answer, token for token, in every mode."
     differing = [p for p in pairs if not p[4]]
@@ -142,7 +153,8 @@ def server_verdict(summary: dict[str, Any]) -> str:
             "sent together, whose prompts began in batches that depend on when each request reached the server"
         )
         if unstable:
-            text += f"; the {' and the '.join(unstable)} cache also changed its own answers between repeats"
+            who = "the standard and the paged cache each" if len(unstable) == 2 else f"the {unstable[0]} cache"
+            text += f"; {who} also changed its own answers between repeats"
         if pairs:
             text += (
                 f"; the {len(pairs)} standard/paged pair(s) of trials whose prompts began in the same batches "
@@ -172,24 +184,24 @@ def server_run_section(run: dict[str, Any], trials: list[Trial], summary: dict[s
     config = json.loads(run.get("params") or "{}")
     parts.append(
         f"**{_model(run)}** (run {run['run_id']}): {len(first.answers)} requests, n_predict "
-        f"{config.get('n_predict')}, temperature 0, {config.get('repeats')} trial(s) per cache and mode, a fresh "
-        f"server per trial."
+        f"{config.get('n_predict')}, temperature 0, `-c {config.get('ctx')} --parallel {config.get('parallel')}"
+        f"{''.join(' ' + a for a in config.get('extra') or [])}`, {config.get('repeats')} trial(s) per cache and "
+        "mode, a fresh server per trial."
     )
     parts.append("")
     for cache in ("standard", "paged"):
         ts = [t for t in trials if t.cache == cache]
         if ts:
             cmd = shown_command(ts[0].command)
-            size = [ln for ln in ts[0].kv_log if "size =" in ln and "buffer" not in ln]
             parts.append(f"- {cache}: `{cmd}`")
-            parts.append(f"  - KV cache: `{size[0] if size else 'no size line logged'}`")
+            parts.append(f"  - KV cache: {size_lines(ts[0].kv_log, cache)}")
     parts.append("")
     rows = []
     for key, (ok, sent) in summary["answered"].items():
         cache, mode = key.split(" ", 1)
         ts = [t for t in trials if t.cache == cache and t.mode == mode]
         problems = sorted({p for t in ts for p in t.problems})
-        errors = sorted({t.error for t in ts if t.error})
+        errors = sorted({t.error for t in ts if t.error} | {a.error for t in ts for a in t.answers if a.error})
         slots = [f"{t.composition()} (slots {'/'.join(str(a.id_slot) for a in t.answers)})" for t in ts]
         rows.append(
             [

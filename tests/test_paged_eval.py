@@ -161,7 +161,10 @@ def test_summary_with_missing_answers_compares_nothing_it_cannot() -> None:
     assert s["answered"] == {"standard concurrent": [4, 4], "paged concurrent": [3, 4]}
     assert s["deterministic"] == {"standard concurrent": True, "paged concurrent": None}
     assert s["across_caches"] == {"concurrent": None}
-    assert "could not be compared" in server_verdict(s)
+    assert server_verdict(s) == (
+        "The caches could not be compared: the standard cache answered 4 of 4 requests, the paged cache answered "
+        "3 of 4 requests."
+    )
     assert trials_from_dicts(json.loads(json.dumps(trials_as_dicts(trials)))) == trials
 
 
@@ -252,6 +255,12 @@ def test_matrix_expands_the_paged_kinds(tmp_path: Path) -> None:
         2,
         ["concurrent", "sequential"],
     )
+    assert server.extra == [] and "server_args" not in cells[1].ev.values  # the configuration hash stays as it was
+    text = PAGED.format(model="smollm2-135m", n_gen=256, n_predict=128).replace("repeats = 2", 'server_args = ["-kvu"]')
+    text = text.replace("threads = 2", 'threads = 2\nextra = ["-ub", "64"]')
+    text = text.replace('[[eval]]\nkind = "paged-generate"\nn_gen = 256\n\n', "")
+    server = matrix.paged_server_params(matrix.load_matrix(write(tmp_path, text)).cells()[0])
+    assert server.extra == ["-ub", "64", "-kvu"]
 
 
 @pytest.mark.parametrize(
@@ -263,6 +272,7 @@ def test_matrix_expands_the_paged_kinds(tmp_path: Path) -> None:
         (("repeats = 2", 'repeats = 2\nmodes = ["burst"]'), "modes must be a list of"),
         (("repeats = 2", "repeats = 2\nparallel = 2"), "fewer requests at once than the 4 prompts"),
         (("n_gen = 256", "n_gen = 0"), "'n_gen' must be an integer >= 1"),
+        (("repeats = 2", 'server_args = "-kvu"'), "server_args must be a list"),
     ],
 )
 def test_matrix_refuses_paged_cells_that_cannot_compare(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
