@@ -37,7 +37,15 @@ from pyharness.vendor import load_pin
 
 VARIANTS = ("upstream", "patched")
 BACKENDS = ("cpu", "cuda")
-BASE_TARGETS = ("llama", "ggml", "llama-bench", "llama-perplexity", "llama-completion", "test-backend-ops")
+BASE_TARGETS = (
+    "llama",
+    "ggml",
+    "llama-bench",
+    "llama-perplexity",
+    "llama-completion",
+    "llama-batched-bench",
+    "test-backend-ops",
+)
 METADATA_FILE = "pyharness-build.json"
 COMMON_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
@@ -128,7 +136,8 @@ def feature_targets(root: Path) -> list[str]:
 
 def variant_targets(variant: str, root: Path) -> list[str]:
     """The targets a build of the variant makes: the base ones, and for the patched variant its features' too."""
-    return list(BASE_TARGETS) + (feature_targets(root) if variant == "patched" else [])
+    extra = feature_targets(root) if variant == "patched" else []
+    return list(dict.fromkeys([*BASE_TARGETS, *extra]))
 
 
 def variant_commit(variant: str, root: Path) -> tuple[str, bool]:

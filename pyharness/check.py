@@ -75,7 +75,7 @@ def build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Pa
     log.write_text(f"# pyharness patches check at {commit}\n")
     configure(link_source(build_dir, tree), build_dir, cmake_flags(backend, cuda_arch, []), root, log)
     present = available_targets(build_dir, log)
-    targets = [t for t in [*BASE_TARGETS, *feature_targets(root)] if t in present]
+    targets = [t for t in dict.fromkeys([*BASE_TARGETS, *feature_targets(root)]) if t in present]
     ninja(build_dir, targets, root, log, jobs=None)
     return build_dir
 

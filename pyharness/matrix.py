@@ -67,6 +67,14 @@ File format
     modes = ["concurrent", "sequential"]
     # ctx = 2048, prompts = [...], server_args = ["-kvu"]; [flags] extra and server_args go to both servers
 
+    [[eval]]
+    kind = "batched"                    # llama-batched-bench --output-format jsonl, with the KV cache's memory
+    npp = [1920]                        # prompt tokens, generated tokens, parallel sequences (lists: cross product)
+    ntg = [128]
+    npl = [16]
+    pps = true                          # one prompt shared by every sequence (llama_memory_seq_cp)
+    ctx = 32768                         # n_ctx (default: the largest npl x (npp + ntg)); [flags] extra goes to the tool
+
     [[exclude]]                         # drop the cells matching every key given
     variant = "upstream"
     extra = ["--flag"]
@@ -100,6 +108,8 @@ from pyharness.runners import (
     resolve_model,
     synth_path,
 )
+from pyharness.runners.batched import OWN_ARGS as BATCHED_OWN_ARGS
+from pyharness.runners.batched import PAGED_ARGS, BatchedParams, batched_config, full_reservation, run_batched
 from pyharness.runners.bench import BenchParams, OpsParams, bench_config, run_backend_ops, run_bench
 from pyharness.runners.decode import DecodeParams, run_decode
 from pyharness.runners.paged import (
@@ -159,6 +169,7 @@ EVAL_KEYS["paged-server"] = {
     "prompts",
     "server_args",
 }
+EVAL_KEYS["batched"] = {"kind", "name", "npp", "ntg", "npl", "pps", "ctx"}
 PAGED_KINDS = ("paged-generate", "paged-server")
 KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
 EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
@@ -627,6 +638,8 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
         )
     elif kind in PAGED_KINDS:
         values, name = check_paged_eval(kind, index, ev, chk)
+    elif kind == "batched":
+        values, name = check_batched_eval(index, ev, chk)
     else:
         mode = ev.get("mode", "perf")
         if mode not in ("perf", "test"):
@@ -679,6 +692,51 @@ def check_paged_eval(kind: str, index: int, ev: dict[str, Any], chk: Checker) ->
         )
     name = f"paged-server(np{values['parallel']} n{values['n_predict']} x{values['repeats']})"
     return values, ev.get("name") or name
+
+
+def check_batched_eval(index: int, ev: dict[str, Any], chk: Checker) -> tuple[dict[str, Any], Any]:
+    """The values of a batched evaluation (llama-batched-bench), and its name."""
+    loc = chk.loc
+    values: dict[str, Any] = {}
+    for key in ("npp", "ntg", "npl"):
+        if key not in ev:
+            raise chk.fail(loc.table("eval", index), f"a batched [[eval]] needs '{key}'", f"e.g. {key} = [16]")
+        values[key] = _int_list(ev[key], loc.key("eval", key, index), key, chk, 1)
+    pps = ev.get("pps", False)
+    if not isinstance(pps, bool):
+        raise chk.fail(loc.key("eval", "pps", index), f"'pps' must be true or false, got {pps!r}")
+    values["pps"] = pps
+    full = full_reservation(values["npp"], values["ntg"], values["npl"])
+    values["ctx"] = _one_int(ev.get("ctx", full), loc.key("eval", "ctx", index), "ctx", chk, 16)
+    name = "batched(pp{} tg{} pl{}{} c{})".format(
+        ",".join(map(str, values["npp"])),
+        ",".join(map(str, values["ntg"])),
+        ",".join(map(str, values["npl"])),
+        " pps" if pps else "",
+        values["ctx"],
+    )
+    return values, ev.get("name") or name
+
+
+def check_batched_cell(cell: Cell, chk: Checker) -> None:
+    """[flags] extra goes to llama-batched-bench after the eval's own arguments: it must not set them again, and
+    upstream has no paged cache options."""
+    loc = chk.loc
+    own = [a for a in cell.flags["extra"] if a in BATCHED_OWN_ARGS]
+    if own:
+        raise chk.fail(
+            loc.key("flags", "extra"),
+            f"extra arguments {' '.join(own)} are the batched evaluation's own (cell {cell.label()})",
+            "set npp, ntg, npl, pps and ctx in the [[eval]]",
+        )
+    paged = [a for a in cell.flags["extra"] if a in PAGED_ARGS]
+    if paged and cell.variant != "patched":
+        raise chk.fail(
+            loc.key("flags", "extra"),
+            f"{' '.join(paged)} on the {cell.variant} variant (cell {cell.label()}): only the patched build has the "
+            "paged KV cache",
+            "exclude these cells with [[exclude]] variant/extra",
+        )
 
 
 def check_kld_base(base: Any, line: int, chk: Checker) -> dict[str, Any]:
@@ -744,6 +802,8 @@ def check_cell(cell: Cell, chk: Checker) -> None:
         )
     if cell.ev.kind in PAGED_KINDS:
         check_paged_cell(cell, chk)
+    if cell.ev.kind == "batched":
+        check_batched_cell(cell, chk)
     if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind not in MODEL_FREE_KINDS:
         raise chk.fail(
             loc.key("flags", "n_gpu_layers"),
@@ -904,12 +964,33 @@ def paged_server_params(cell: Cell) -> PagedServerParams:
     return PagedServerParams(**values, threads=f.get("threads"), flash_attn=f["flash_attn"], extra=extra)
 
 
+def batched_params(cell: Cell) -> BatchedParams:
+    f, ev = cell.flags, cell.ev.values
+    return BatchedParams(
+        npp=list(ev["npp"]),
+        ntg=list(ev["ntg"]),
+        npl=list(ev["npl"]),
+        pps=ev["pps"],
+        ctx=ev["ctx"],
+        cache_type_k=f["cache_type_k"],
+        cache_type_v=f["cache_type_v"],
+        flash_attn=f["flash_attn"],
+        threads=f.get("threads"),
+        batch=f.get("batch"),
+        ubatch=f.get("ubatch"),
+        n_gpu_layers=f.get("n_gpu_layers"),
+        extra=list(f["extra"]),
+    ).validate()
+
+
 def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> str:
     if cell.ev.kind == "ppl":
         req = PplRequest(params=ppl_params(cell), text=cell_text(cell, text), kld=kld_base_of(cell), root=root)
         return ppl_config(ctx, req)[0]
     if cell.ev.kind == "bench":
         return bench_config(ctx, bench_params(cell))[0]
+    if cell.ev.kind == "batched":
+        return batched_config(ctx, batched_params(cell))[0]
     if cell.ev.kind == "decode":
         from pyharness.runners import config_hash as decode_hash
 
@@ -931,6 +1012,8 @@ def run_cell(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -
         return run_perplexity(ctx, req)
     if cell.ev.kind == "bench":
         return run_bench(ctx, bench_params(cell))
+    if cell.ev.kind == "batched":
+        return run_batched(ctx, batched_params(cell))
     if cell.ev.kind == "sampler":
         return run_sampler_bench(ctx, sampler_params(cell))
     if cell.ev.kind == "decode":

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyharness.batched_report import batched_runs, batched_section, table_rows
 from pyharness.errors import HarnessError
 from pyharness.host import hardware_key
 from pyharness.paged_report import is_paged_metric, paged_sections
@@ -97,6 +98,14 @@ def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
                 Group(hw, commit, s, [r for r in members if r.get("variant") == "upstream" or r["series_hash"] == s])
             )
     return groups
+
+
+def in_group(run: dict[str, Any], group: Group) -> bool:
+    """Would `run` (of any status) have joined `group`: same hardware and upstream commit, and for a patched run the
+    group's patch series."""
+    if run_hardware(run) != group.hardware or (run.get("upstream_commit") or "?") != group.upstream_commit:
+        return False
+    return run.get("variant") == "upstream" or run.get("series_hash") == group.series_hash
 
 
 def samples_of(store: Store, run_id: int, test_index: int) -> list[float]:
@@ -637,15 +646,19 @@ def build_report(
     parts += [w + "\n" for w in warnings]
     all_bench: list[dict[str, Any]] = []
     all_ppl: list[dict[str, Any]] = []
+    all_batched: list[dict[str, Any]] = []
+    batched = batched_runs(store.conn, matrix)  # failed ones too: a configuration that does not fit is a result
     for i, group in enumerate(groups, 1):
         b = bench_rows(store, group.runs)
         p = ppl_rows(store, group.runs)
         f = feature_rows(store, group.runs)
-        for rows in (b, p):
+        bb = table_rows(store.conn, [r for r in batched if in_group(r, group)])
+        for rows in (b, p, bb):
             for r in rows:
                 r["group"] = i
         all_bench += b
         all_ppl += p
+        all_batched += bb
         heading = f"## {group.title}" if len(groups) > 1 else "## Environment"
         parts += [heading, "", environment_block(group), ""]
         sampler = [r for r in f if SAMPLER_METRIC.match(r["metric"])]
@@ -663,6 +676,7 @@ def build_report(
             sampler_section(sampler),
             decode_section(decode),
             *paged_sections(group.runs),
+            batched_section(bb),
             feature_section(others),
         )
         for section in sections:
@@ -687,7 +701,7 @@ def build_report(
         ]
     return Report(
         markdown="\n".join(parts).rstrip() + "\n",
-        csv={"bench.csv": to_csv(all_bench), "ppl.csv": to_csv(all_ppl)},
+        csv={"bench.csv": to_csv(all_bench), "ppl.csv": to_csv(all_ppl), "batched.csv": to_csv(all_batched)},
         groups=groups,
         bench_rows=all_bench,
         ppl_rows=all_ppl,

@@ -18,6 +18,10 @@ Tables
     and `samples_ts` value).
 `feature_eval`
     Generic evaluations of patch features: run id, feature, metric, value, unit.
+`batched_bench`, `kv_memory`
+    llama-batched-bench runs (`pyharness.runners.batched`): one row per requested (pp, tg, pl) with its status ('ok',
+    'skipped' when it did not fit the context, 'failed', 'not run') and the tool's jsonl fields; and per run the KV
+    cache's memory as llama.cpp logged it (the cache's cells or pages and pool, K/V/positions MiB, buffers).
 `matrix_runs`
     One row per `pyharness matrix` invocation that ran cells: executor, wall time, counts, and the nodes cells ran on
     (`pyharness scaling` compares a serial and a parallel invocation of one matrix).
@@ -270,6 +274,58 @@ BENCH_TEST_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 
 
+# llama-batched-bench (`pyharness.runners.batched`): the requested configuration, its status and the tool's jsonl fields
+BATCHED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("row_index", "INTEGER NOT NULL"),
+    ("pp", "INTEGER"),
+    ("tg", "INTEGER"),
+    ("pl", "INTEGER"),
+    ("n_ctx_req", "INTEGER"),
+    ("status", "TEXT NOT NULL CHECK (status IN ('ok', 'skipped', 'failed', 'not run'))"),
+    ("note", "TEXT"),
+    ("n_kv_max", "INTEGER"),
+    ("n_batch", "INTEGER"),
+    ("n_ubatch", "INTEGER"),
+    ("flash_attn", "INTEGER"),
+    ("is_pp_shared", "INTEGER"),
+    ("n_gpu_layers", "INTEGER"),
+    ("n_threads", "INTEGER"),
+    ("n_threads_batch", "INTEGER"),
+    ("n_kv", "INTEGER"),
+    ("t_pp", "REAL"),
+    ("speed_pp", "REAL"),
+    ("t_tg", "REAL"),
+    ("speed_tg", "REAL"),
+    ("t", "REAL"),
+    ("speed", "REAL"),
+)
+
+# The KV cache of a run as llama.cpp logs it (`pyharness.runners.batched.KvMemory`, field for field); MiB as printed
+KV_MEMORY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("cache", "TEXT"),
+    ("n_ctx", "INTEGER"),
+    ("n_ctx_seq", "INTEGER"),
+    ("n_seq_max", "INTEGER"),
+    ("kv_unified", "INTEGER"),
+    ("kv_buffer_mib", "REAL"),
+    ("kv_mib", "REAL"),
+    ("k_mib", "REAL"),
+    ("v_mib", "REAL"),
+    ("positions_mib", "REAL"),
+    ("cells", "INTEGER"),
+    ("n_stream", "INTEGER"),
+    ("pages", "INTEGER"),
+    ("page_size", "INTEGER"),
+    ("n_head_kv", "INTEGER"),
+    ("pool_tokens", "INTEGER"),
+    ("pool_tokens_requested", "INTEGER"),
+    ("compute_mib", "REAL"),
+    ("output_mib", "REAL"),
+    ("fallback", "TEXT"),
+    ("log_lines", "TEXT"),
+)
+
+
 def _ddl(table: str, columns: Sequence[tuple[str, str]], extra: str = "") -> str:
     body = ",\n  ".join(f"{name} {kind}" for name, kind in columns)
     return f"CREATE TABLE IF NOT EXISTS {table} (\n  {body}{extra}\n)"
@@ -312,6 +368,15 @@ SCHEMA: tuple[str, ...] = (
         ),
     ),
     "CREATE INDEX IF NOT EXISTS feature_eval_run ON feature_eval (run_id)",
+    _ddl(
+        "batched_bench",
+        (("run_id", "INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE"), *BATCHED_COLUMNS),
+        ",\n  PRIMARY KEY (run_id, row_index)",
+    ),
+    _ddl(
+        "kv_memory",
+        (("run_id", "INTEGER PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE"), *KV_MEMORY_COLUMNS),
+    ),
     _ddl("llama_bench", LLAMA_BENCH_COLUMNS),
     _ddl("test_backend_ops", TEST_BACKEND_OPS_COLUMNS),
     _ddl("matrix_runs", MATRIX_RUN_COLUMNS),
@@ -352,6 +417,8 @@ class RunRecord:
     bench: list[BenchTest] = field(default_factory=list)
     backend_ops: list[dict[str, Any]] = field(default_factory=list)
     feature_evals: list[FeatureEval] = field(default_factory=list)
+    batched: list[dict[str, Any]] = field(default_factory=list)  # batched_bench rows
+    kv_memory: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -489,6 +556,10 @@ class Store:
                     "feature_eval",
                     {"run_id": run_id, "feature": ev.feature, "metric": ev.metric, "value": ev.value, "unit": ev.unit},
                 )
+            for row in record.batched:
+                self._insert(conn, "batched_bench", {"run_id": run_id, **row})
+            if record.kv_memory:
+                self._insert(conn, "kv_memory", {"run_id": run_id, **record.kv_memory})
         return run_id
 
     def find_ok(self, config_hash: str) -> int | None:
