@@ -18,6 +18,8 @@ from typing import Any
 
 from pyharness.bindings import library_dir
 from pyharness.models import get_model
+from pyharness.paged_generation import PROMPTS
+from pyharness.paged_server import ServerConfig, run_trials, summarize
 
 PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_probe.py"
 
@@ -49,10 +51,30 @@ def test_paged_cache_gives_the_standard_caches_logits_bit_for_bit() -> None:
 
 
 def test_a_pool_too_small_fails_the_batch_and_changes_nothing() -> None:
-    # 16 tokens per KV head: one page of 64 slots per (sequence, head) and a few spare pages, so the sequences run out
-    # of pages somewhere past 64 tokens
+    # 16 tokens per KV head: one page of 64 slots, and a partly filled last page per (sequence, head): 5 pages per KV
+    # head for the 4 sequences, so they run out of pages somewhere past 64 tokens
     r = probe("--paged-only", "--pool-tokens", "16", "--n-gen", "80")
     assert r["decode_failed"] == [1], "llama_decode should report no memory slot (1)"
     failed = r["failed_at"]
     assert 20 < failed["step"] < 80
     assert r["pos_max"] == [p - 1 for p in failed["next_pos"]], "the failed batch left tokens behind"
+
+
+def test_a_server_whose_context_the_sequences_fill_answers_as_with_the_standard_cache() -> None:
+    """llama-server -kvu -c 256 --parallel 3, three requests at once of 72 tokens each after their prompts: about 240
+    tokens, which the standard cache holds in its 256 cells. Every sequence ends in a partly filled page of 64 slots
+    (2 pages of each KV head each, 6 in all), so the paged pool needs its page of slack per sequence beyond the 4
+    pages of 256 tokens; without it the server runs out of memory slots and fails the requests."""
+    config = ServerConfig(prompts=list(PROMPTS[:3]), parallel=3, n_predict=72, ctx=256, extra=["-kvu"])
+    binary = library_dir("patched") / "llama-server"
+    trials = run_trials(binary, get_model("smollm2-135m"), config, modes=("concurrent",), repeats=1)
+    summary = summarize(trials)
+    failed = [t.log_tail[-2000:] for t in trials if t.answered < len(config.prompts)]
+    assert summary["answered"] == {"standard concurrent": [3, 3], "paged concurrent": [3, 3]}, failed
+    assert all(t.paged_active for t in trials if t.cache == "paged")
+    assert all(len(a.tokens) == config.n_predict for t in trials for a in t.answers)
+    for t in trials:
+        full = [p for p in t.problems if "failed to find free space" in p or "purging slot" in p]
+        assert not full, f"{t.cache}: {full}"
+    # where the prompts began in the same batches (as a rule: all three in the first), the same answers
+    assert all(pair[4] for pair in summary["same_batches"]), summary["batches"]
