@@ -22,7 +22,6 @@ paged cache and given the standard one, is stored as failed, with its rows and m
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +29,7 @@ from typing import Any
 
 from pyharness.errors import HarnessError
 from pyharness.runners import Execution, RunContext, config_hash, execute, run_fields, tool_env
+from pyharness.runners.bench import ParseError, jsonl_objects
 from pyharness.store import RunRecord
 
 KIND = "batched"
@@ -70,10 +70,6 @@ JSONL_KEYS = (
     "t",
     "speed",
 )
-
-
-class ParseError(ValueError):
-    pass
 
 
 def n_ctx_req(pp: int, tg: int, pl: int, *, shared: bool, unified: bool) -> int:
@@ -266,16 +262,7 @@ def parse_memory(log: str) -> KvMemory:
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
     """llama-batched-bench's jsonl rows (stdout); blank lines between them are skipped."""
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ParseError(f"{TOOL} stdout line {number} is not JSON: {line[:80]!r}") from exc
-        if not isinstance(obj, dict):
-            raise ParseError(f"{TOOL} stdout line {number} is not an object")
+    for number, obj in jsonl_objects(text, TOOL):
         missing = [k for k in JSONL_KEYS if k not in obj]
         if missing:
             raise ParseError(f"{TOOL} jsonl line {number} lacks {', '.join(missing)}")

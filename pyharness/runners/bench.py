@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -131,9 +131,9 @@ def sql_value(name: str, value: Any, types: dict[str, str] = _TYPES) -> Any:
     return value  # a field this schema does not know: keep the jsonl type (store adds the column)
 
 
-def parse_bench_jsonl(text: str) -> list[BenchTest]:
-    """Every test in llama-bench `-o jsonl` output (one JSON object per line)."""
-    tests: list[BenchTest] = []
+def jsonl_objects(text: str, tool: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each line of a tool's jsonl output; blank lines are skipped, anything else that is not
+    a JSON object is a ParseError naming the tool and the line."""
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
@@ -141,9 +141,16 @@ def parse_bench_jsonl(text: str) -> list[BenchTest]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ParseError(f"llama-bench jsonl line {number} is not JSON: {exc}") from exc
+            raise ParseError(f"{tool} jsonl line {number} is not JSON: {line[:80]!r} ({exc})") from exc
         if not isinstance(obj, dict):
-            raise ParseError(f"llama-bench jsonl line {number} is not an object")
+            raise ParseError(f"{tool} jsonl line {number} is not an object")
+        yield number, obj
+
+
+def parse_bench_jsonl(text: str) -> list[BenchTest]:
+    """Every test in llama-bench `-o jsonl` output (one JSON object per line)."""
+    tests: list[BenchTest] = []
+    for number, obj in jsonl_objects(text, "llama-bench"):
         samples_ns = obj.pop("samples_ns", None)
         samples_ts = obj.pop("samples_ts", None)
         if samples_ns is None or samples_ts is None:
