@@ -63,6 +63,11 @@ COMMON_FLAGS = (
 TARGET_OPTIONS: dict[str, tuple[str, ...]] = {
     "llama-server": ("-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF"),
 }
+# Files of the source tree a target's CMake needs beyond the base build's: a tree unpacked from a `pyharness pack`
+# archive leaves tools/ui out (PACK_EXCLUDES), and with LLAMA_BUILD_SERVER on CMake fails without it.
+TARGET_SOURCES: dict[str, tuple[str, ...]] = {
+    "llama-server": ("tools/server/CMakeLists.txt", "tools/ui/CMakeLists.txt"),
+}
 
 
 @dataclass
@@ -138,6 +143,20 @@ def variant_targets(variant: str, root: Path) -> list[str]:
     """The targets a build of the variant makes: the base ones, and for the patched variant its features' too."""
     extra = feature_targets(root) if variant == "patched" else []
     return list(dict.fromkeys([*BASE_TARGETS, *extra]))
+
+
+def buildable_targets(targets: Sequence[str], tree: Path) -> tuple[list[str], list[str]]:
+    """(targets the source tree can build, messages for those it cannot: their TARGET_SOURCES are missing)."""
+    kept, skipped = [], []
+    for target in targets:
+        missing = [f for f in TARGET_SOURCES.get(target, ()) if not (tree / f).is_file()]
+        if missing:
+            skipped.append(
+                f"{target} not built: the source tree has no {', '.join(missing)} (a packed tree leaves it out)"
+            )
+        else:
+            kept.append(target)
+    return kept, skipped
 
 
 def variant_commit(variant: str, root: Path) -> tuple[str, bool]:
@@ -311,7 +330,11 @@ def build(
     meta.unlink(missing_ok=True)
     log = build_dir / "build.log"
     log.write_text(f"# pyharness build {variant}-{backend} at {commit}\n")
-    targets = variant_targets(variant, root)
+    targets, skipped = buildable_targets(variant_targets(variant, root), tree)
+    for message in skipped:
+        print(f"pyharness build: {message}", file=sys.stderr)
+        with log.open("a") as f:
+            f.write(f"# {message}\n")
     flags = cmake_flags(backend, cuda_arch, extra_flags or [], targets)
     configure(link_source(build_dir, tree), build_dir, flags, root, log)
     ninja(build_dir, targets, root, log, jobs)

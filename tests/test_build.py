@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyharness.build import BASE_TARGETS, METADATA_FILE, build, load_build
+from pyharness.build import BASE_TARGETS, METADATA_FILE, build, buildable_targets, load_build
 from pyharness.errors import HarnessError
 from tests.conftest import git
 
@@ -106,3 +106,17 @@ def test_real_upstream_build_has_the_harness_tools() -> None:
     for tool in ("llama-bench", "llama-perplexity", "test-backend-ops"):
         assert info.tool(tool).is_file()
     assert info.upstream_commit == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+
+
+def test_targets_whose_sources_a_packed_tree_lacks_are_not_built(tmp_path: Path) -> None:
+    """llama-server needs tools/ui/CMakeLists.txt (LLAMA_BUILD_SERVER on adds it); a `pyharness pack` tree has none."""
+    tree = tmp_path / "tree"
+    (tree / "tools" / "server").mkdir(parents=True)
+    (tree / "tools" / "server" / "CMakeLists.txt").write_text("")
+    kept, skipped = buildable_targets(["llama", "llama-server", "llama-bench"], tree)
+    assert kept == ["llama", "llama-bench"]
+    assert len(skipped) == 1 and "llama-server" in skipped[0] and "tools/ui/CMakeLists.txt" in skipped[0]
+
+    (tree / "tools" / "ui").mkdir()
+    (tree / "tools" / "ui" / "CMakeLists.txt").write_text("")
+    assert buildable_targets(["llama", "llama-server"], tree) == (["llama", "llama-server"], [])
