@@ -117,7 +117,7 @@ def cmd_pr(args: argparse.Namespace) -> int:
         args.feature,
         check=not args.no_check,
         rebase=Path(args.rebase_onto) if args.rebase_onto else None,
-        db=Path(args.db) if args.db else None,
+        db=[Path(d) for d in args.db] if args.db else None,
     )
     print(out)
     return 0
@@ -212,7 +212,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("feature", help="a feature of patches/features.toml")
     p.add_argument("--no-check", action="store_true", help="skip building and testing each stage")
     p.add_argument("--rebase-onto", metavar="PATH", help="also replay the stack onto a newer upstream clone")
-    p.add_argument("--db", help="results store for the evidence tables (default: PYHARNESS_DB or results/)")
+    p.add_argument(
+        "--db",
+        action="append",
+        help="results store for the evidence tables (default: PYHARNESS_DB or results/); repeat it to search several "
+        "in order (each matrix from the first store that has it)",
+    )
     p.set_defaults(func=cmd_pr)
 
     p = sub.add_parser(

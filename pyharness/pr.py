@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class Feature:
     ops: list[str] = field(default_factory=list)
     tests: list[str] = field(default_factory=list)
     matrices: list[str] = field(default_factory=list)
+    depends: list[str] = field(default_factory=list)  # features whose stacks must be merged first
 
 
 @dataclass
@@ -66,6 +68,7 @@ def load_feature(name: str, root: Path) -> Feature:
         ops=list(data.get("ops", [])),
         tests=list(data.get("tests", [])),
         matrices=list(data.get("matrices", [])),
+        depends=list(data.get("depends", [])),
     )
 
 
@@ -74,14 +77,28 @@ def stage_name(index: int, patch: str) -> str:
 
 
 def build_stack(feature: Feature, root: Path) -> tuple[str, list[Stage]]:
-    """Apply the feature's patches alone onto the pinned upstream, one branch per stage."""
+    """Apply the feature's patches onto the pinned upstream, one branch per stage: alone, or on top of the stacks of
+    the features it depends on (applied first, in series order; the base the stack is reviewed against)."""
     repo, patch_dir = paths.vendor_dir(root), paths.patches_dir(root)
     base = require_vendored(repo)
-    entries = [e for e in read_series(patch_dir) if e.feature == feature.name]
+    series = read_series(patch_dir)
+    entries = [e for e in series if e.feature == feature.name]
     if not entries:
         raise HarnessError(f"patches/series has no patch of feature '{feature.name}'", "add its patches first")
+    known = {e.feature for e in series}
+    for name in feature.depends:
+        if name not in known or name == feature.name:
+            raise HarnessError(
+                f"feature '{feature.name}' depends on '{name}', which has no patches in patches/series",
+                "fix `depends` in patches/features.toml",
+            )
+    prerequisites = [e for e in series if e.feature in feature.depends]
     stages: list[Stage] = []
     with scratch_worktree(repo, base) as tree:
+        if prerequisites:
+            print(f"pr {feature.name}: on top of {', '.join(feature.depends)}", file=sys.stderr)
+            base = am_series(tree, patch_dir, prerequisites)
+            git(repo, "branch", "--force", f"pr/{feature.name}/00-base", base)
         for index, entry in enumerate(entries, start=1):
             commit = am_series(tree, patch_dir, [entry])
             branch = f"pr/{feature.name}/{stage_name(index, entry.file)}"
@@ -188,27 +205,48 @@ def check_stage(repo: Path, parent: str, stage: Stage, feature: Feature, root: P
         stage.checks[test] = "ok" if proc.returncode == 0 else (proc.stdout + proc.stderr).strip().splitlines()[-1]
 
 
-def evidence(feature: Feature, db: Path | None) -> str:
-    """The feature's tables from the results store (every number from there), or a line saying none exist."""
+def _stores(db: Path | Sequence[Path] | None) -> list[Path | None]:
+    paths_ = [db] if db is None or isinstance(db, Path) else list(db)
+    for path in paths_:
+        if path is not None and not path.is_file():
+            raise HarnessError(f"no results store at {path}", "pass the results.sqlite of a matrix run (--db)")
+    return paths_ or [None]
+
+
+def evidence(feature: Feature, db: Path | Sequence[Path] | None) -> str:
+    """The feature's tables from the results stores (every number from there), or a line saying none exist.
+
+    Several stores (a CPU run here, GPU runs brought back from the device) are searched in order: each matrix's
+    tables come from the first store that holds runs of it."""
     from pyharness.report import build_report
     from pyharness.store import Store
 
+    stores = _stores(db)
     sections = []
-    with Store(db) as store:
-        for matrix in feature.matrices:
-            try:
-                report = build_report(store, matrix=matrix, title=f"Matrix `{matrix}`")
-            except HarnessError:
-                sections.append(f"No runs of matrix `{matrix}` in the store yet.")
-                continue
+    for matrix in feature.matrices:
+        for path in stores:
+            with Store(path) as store:
+                try:
+                    report = build_report(store, matrix=matrix, title=f"Matrix `{matrix}`")
+                except HarnessError:
+                    continue
             sections.append(report.markdown.replace("\n# ", "\n### ").replace("\n## ", "\n#### ", -1).lstrip("# "))
+            break
+        else:
+            sections.append(f"No runs of matrix `{matrix}` in the store yet.")
     return "\n\n".join(sections) if sections else "No evaluation matrix is configured for this feature yet."
 
 
-def description(feature: Feature, base: str, stages: list[Stage], repo: Path, db: Path | None) -> str:
+def description(feature: Feature, base: str, stages: list[Stage], repo: Path, db: Path | Sequence[Path] | None) -> str:
     lines = [f"# {feature.title}", "", "## Motivation", "", feature.motivation or "(see patches/features.toml)", ""]
     lines += ["## Design", "", feature.design or "(see the commit messages)", ""]
-    lines += ["## The stack", "", f"Based on upstream `{base[:12]}`; review and merge in this order:", ""]
+    if feature.depends:
+        after = ", ".join(f"`{name}`" for name in feature.depends)
+        branch = f"pr/{feature.name}/00-base"
+        based = f"Based on upstream with the stacks of {after} applied (branch `{branch}`, `{base[:12]}`)"
+    else:
+        based = f"Based on upstream `{base[:12]}`"
+    lines += ["## The stack", "", f"{based}; review and merge in this order:", ""]
     for stage in stages:
         stat = git(repo, "diff", "--shortstat", f"{stage.commit}~1..{stage.commit}")
         lines.append(f"{stage.index}. `{stage.subject}` (branch `{stage.branch}`;{stat})")
@@ -239,13 +277,15 @@ def description(feature: Feature, base: str, stages: list[Stage], repo: Path, db
 
 
 def rebase_onto(feature: Feature, clone: Path, root: Path) -> list[str]:
-    """Replay the feature's patches onto another upstream clone's HEAD; returns conflicts (empty: clean)."""
+    """Replay the feature's patches (after those of the features it depends on) onto another upstream clone's HEAD;
+    returns conflicts (empty: clean)."""
     if not (clone / ".git").exists():
         raise HarnessError(f"{clone} is not a git clone", "pass the root of a newer llama.cpp clone")
     patch_dir = paths.patches_dir(root)
     conflicts = []
     with scratch_worktree(clone, git(clone, "rev-parse", "HEAD")) as tree:
-        for entry in [e for e in read_series(patch_dir) if e.feature == feature.name]:
+        series = read_series(patch_dir)
+        for entry in [e for e in series if e.feature in feature.depends or e.feature == feature.name]:
             try:
                 am_series(tree, patch_dir, [entry])
             except HarnessError as exc:
@@ -262,7 +302,7 @@ def make_pr(
     *,
     check: bool = True,
     rebase: Path | None = None,
-    db: Path | None = None,
+    db: Path | Sequence[Path] | None = None,
     root: Path | None = None,
 ) -> Path:
     """Build, check, export and describe the stack; returns the folder holding it."""

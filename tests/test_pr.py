@@ -68,3 +68,34 @@ def test_stack_builds_stage_by_stage_and_carries_the_evidence(tmp_path: Path) ->
     assert "| 1 | `build` | ok |" in text
     assert "| 1 | `test-backend-ops -o SAMPLE_SORTFREE` | ok |" in text
     assert f"{value}" in text or f"{value:.2f}" in text
+
+
+def test_evidence_takes_each_matrix_from_the_first_store_that_has_it(tmp_path: Path) -> None:
+    from pyharness.pr import Feature, evidence
+
+    value = store_with_evidence(tmp_path / "gpu.sqlite")
+    with Store(tmp_path / "empty.sqlite"):
+        pass
+    feature = Feature(name=FEATURE, title="t", motivation="", design="", matrices=["sampler-cpu", "no-such-matrix"])
+    text = evidence(feature, [tmp_path / "empty.sqlite", tmp_path / "gpu.sqlite"])
+    assert f"{value}" in text or f"{value:.2f}" in text
+    assert "No runs of matrix `no-such-matrix`" in text
+    # the first store has no runs of sampler-cpu: without the second, the table is missing
+    assert "No runs of matrix `sampler-cpu`" in evidence(feature, [tmp_path / "empty.sqlite"])
+
+
+def test_evidence_refuses_a_store_that_does_not_exist(tmp_path: Path) -> None:
+    from pyharness.pr import Feature, evidence
+
+    feature = Feature(name=FEATURE, title="t", motivation="", design="", matrices=["sampler-cpu"])
+    with pytest.raises(HarnessError, match="no results store"):
+        evidence(feature, [tmp_path / "missing.sqlite"])
+    assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_a_stack_cannot_depend_on_a_feature_without_patches() -> None:
+    from pyharness.pr import Feature, build_stack
+
+    feature = Feature(name=FEATURE, title="t", motivation="", design="", depends=["no-such-feature"])
+    with pytest.raises(HarnessError, match="depends on 'no-such-feature'"):
+        build_stack(feature, ROOT)
