@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -223,17 +224,25 @@ def evidence(feature: Feature, db: Path | Sequence[Path] | None) -> str:
 
     stores = _stores(db)
     sections = []
-    for matrix in feature.matrices:
-        for path in stores:
-            with Store(path) as store:
-                try:
-                    report = build_report(store, matrix=matrix, title=f"Matrix `{matrix}`")
-                except HarnessError:
-                    continue
-            sections.append(report.markdown.replace("\n# ", "\n### ").replace("\n## ", "\n#### ", -1).lstrip("# "))
-            break
-        else:
-            sections.append(f"No runs of matrix `{matrix}` in the store yet.")
+    with tempfile.TemporaryDirectory(prefix="pyharness-pr-") as scratch:
+        for matrix in feature.matrices:
+            for index, path in enumerate(stores):
+                # a copy: opening a store brings its schema up to date, which would rewrite committed results
+                copy = None
+                if path is not None:
+                    copy = Path(scratch) / f"{index}.sqlite"
+                    if not copy.exists():
+                        shutil.copyfile(path, copy)
+                with Store(copy) as store:
+                    try:
+                        report = build_report(store, matrix=matrix, title=f"Matrix `{matrix}`")
+                    except HarnessError:
+                        continue
+                markdown = report.markdown.replace("\n# ", "\n### ").replace("\n## ", "\n#### ", -1).lstrip("# ")
+                sections.append(markdown)
+                break
+            else:
+                sections.append(f"No runs of matrix `{matrix}` in the store yet.")
     return "\n\n".join(sections) if sections else "No evaluation matrix is configured for this feature yet."
 
 

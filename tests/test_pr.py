@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,16 @@ def test_a_stack_cannot_depend_on_a_feature_without_patches() -> None:
     feature = Feature(name=FEATURE, title="t", motivation="", design="", depends=["no-such-feature"])
     with pytest.raises(HarnessError, match="depends on 'no-such-feature'"):
         build_stack(feature, ROOT)
+
+
+def test_evidence_leaves_the_stores_unchanged(tmp_path: Path) -> None:
+    from pyharness.pr import Feature, evidence
+
+    store_with_evidence(tmp_path / "gpu.sqlite")
+    # a store of an older schema (no kv_memory table yet): opening it in place would add the table
+    with sqlite3.connect(tmp_path / "gpu.sqlite") as conn:
+        conn.execute("DROP TABLE kv_memory")
+    before = (tmp_path / "gpu.sqlite").read_bytes()
+    feature = Feature(name=FEATURE, title="t", motivation="", design="", matrices=["sampler-cpu"])
+    evidence(feature, [tmp_path / "gpu.sqlite"])
+    assert (tmp_path / "gpu.sqlite").read_bytes() == before
