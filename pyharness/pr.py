@@ -17,6 +17,7 @@ import sys
 import tempfile
 import tomllib
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,22 +223,22 @@ def evidence(feature: Feature, db: Path | Sequence[Path] | None) -> str:
     from pyharness.report import build_report
     from pyharness.store import Store
 
-    stores = _stores(db)
     sections = []
-    with tempfile.TemporaryDirectory(prefix="pyharness-pr-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="pyharness-pr-") as scratch, ExitStack() as stack:
+        opened = []
+        for index, path in enumerate(_stores(db)):
+            # a copy: opening a store brings its schema up to date, which would rewrite committed results
+            copy = None
+            if path is not None:
+                copy = Path(scratch) / f"{index}.sqlite"
+                shutil.copyfile(path, copy)
+            opened.append(stack.enter_context(Store(copy)))
         for matrix in feature.matrices:
-            for index, path in enumerate(stores):
-                # a copy: opening a store brings its schema up to date, which would rewrite committed results
-                copy = None
-                if path is not None:
-                    copy = Path(scratch) / f"{index}.sqlite"
-                    if not copy.exists():
-                        shutil.copyfile(path, copy)
-                with Store(copy) as store:
-                    try:
-                        report = build_report(store, matrix=matrix, title=f"Matrix `{matrix}`")
-                    except HarnessError:
-                        continue
+            for store in opened:
+                try:
+                    report = build_report(store, matrix=matrix, title=f"Matrix `{matrix}`")
+                except HarnessError:
+                    continue
                 markdown = report.markdown.replace("\n# ", "\n### ").replace("\n## ", "\n#### ", -1).lstrip("# ")
                 sections.append(markdown)
                 break
