@@ -1,10 +1,11 @@
 """The paged KV cache (--kv-cache paged, llama_init_from_model_paged) against the standard cache, in-process through
-llama-cpp-python on the patched CPU build (tests/fixtures/paged_probe.py does the decoding; it prints JSON).
-
-Four sequences decode greedily together, one of them a copy of another's prompt (llama_memory_seq_cp shares its
-pages). Every logits row read must be bitwise the standard cache's and the greedy tokens identical. With a seq_rm of
-one sequence's last tokens, the other sequences must not notice and that sequence must replay its rows exactly. A
-pool too small fails the batch with llama_decode's "no memory slot" status and leaves every sequence as it was.
+llama-cpp-python on the patched CPU build (tests/fixtures/paged_probe.py does the decoding; it prints JSON). Four
+sequences decode greedily together, one of them a copy of another's prompt (llama_memory_seq_cp shares its pages).
+Every logits row read must be bitwise the standard cache's and the greedy tokens identical. With a seq_rm of one
+sequence's last tokens, the other sequences must not notice and that sequence must replay its rows exactly. A
+context shift (seq_rm + seq_add) and a seq_div rotate the paged keys as the standard cache's shift does
+(tests/fixtures/paged_shift_probe.py). A pool too small fails the batch with llama_decode's "no memory slot" status
+and leaves every sequence as it was.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pyharness.paged_generation import PROMPTS
 from pyharness.paged_server import ServerConfig, run_trials, summarize
 
 PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_probe.py"
+SHIFT_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_shift_probe.py"
 
 
-def probe(*args: str) -> dict[str, Any]:
+def probe(*args: str, script: Path = PROBE) -> dict[str, Any]:
     env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(library_dir("patched"))}
     proc = subprocess.run(
-        [sys.executable, str(PROBE), str(get_model("smollm2-135m")), *args],
+        [sys.executable, str(script), str(get_model("smollm2-135m")), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -48,6 +50,18 @@ def test_paged_cache_gives_the_standard_caches_logits_bit_for_bit() -> None:
     assert r["pos_max"]["paged"] == r["pos_max"]["standard"]
     # seq_rm of sequence 1: the others unchanged, sequence 1 replays its rows
     assert r["rm_others_unchanged"] and r["rm_replay_equal"]
+
+
+def test_context_shift_and_position_division_rotate_keys_as_the_standard_cache() -> None:
+    """seq_rm + seq_add (llama-cli's context shift) and seq_div on pages shared with another sequence: the rows read
+    afterwards match the standard cache's up to the rounding of a different key order (about 1 in logits of about
+    40), where keys left unrotated put them about 25 apart (measured by skipping the rotation)."""
+    r = probe(script=SHIFT_PROBE)
+    assert r["can_shift"] == {"standard": True, "paged": True}
+    assert r["pos_max"]["paged"] == r["pos_max"]["standard"]
+    for phase in ("after_add", "after_div"):
+        assert r[phase]["rows"] == 24
+        assert r[phase]["max_abs_diff"] < 4.0, (phase, r[phase])
 
 
 def test_a_pool_too_small_fails_the_batch_and_changes_nothing() -> None:
