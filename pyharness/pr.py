@@ -181,6 +181,11 @@ def clang_format_advice(repo: Path, parent: str, commit: str) -> str:
     return f"{len(changed)} changed line(s) differ from clang-format's layout" if changed else "clean"
 
 
+def stage_has_test(repo: Path, commit: str, test: str) -> bool:
+    """Whether the tree at commit has the test program's source (tests/<test>.cpp)."""
+    return bool(git(repo, "ls-tree", "--name-only", commit, f"tests/{test}.cpp"))
+
+
 def check_stage(repo: Path, parent: str, stage: Stage, feature: Feature, root: Path) -> None:
     """Build the stage on its own and run the feature's tests; results go into stage.checks."""
     from pyharness.check import build_at
@@ -200,9 +205,12 @@ def check_stage(repo: Path, parent: str, stage: Stage, feature: Feature, root: P
             "ok" if proc.returncode == 0 else (proc.stdout + proc.stderr).strip().splitlines()[-1]
         )
     for test in feature.tests:
+        if not stage_has_test(repo, stage.commit, test):
+            continue  # a later stage adds it (a binary in the shared build folder may be another stage's)
         program = bin_dir / test
         if not program.is_file():
-            continue  # a later stage adds it
+            stage.checks[test] = f"{program} was not built"
+            continue
         proc = subprocess.run([str(program)], capture_output=True, text=True)
         stage.checks[test] = "ok" if proc.returncode == 0 else (proc.stdout + proc.stderr).strip().splitlines()[-1]
 

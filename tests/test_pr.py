@@ -9,7 +9,7 @@ import pytest
 
 from pyharness.errors import HarnessError
 from pyharness.patches import read_series
-from pyharness.pr import load_feature, make_pr
+from pyharness.pr import load_feature, make_pr, stage_has_test
 from pyharness.store import FeatureEval, RunRecord, Store
 from tests.conftest import ROOT, git
 
@@ -113,3 +113,21 @@ def test_evidence_leaves_the_stores_unchanged(tmp_path: Path) -> None:
     feature = Feature(name=FEATURE, title="t", motivation="", design="", matrices=["sampler-cpu"])
     evidence(feature, [tmp_path / "gpu.sqlite"])
     assert (tmp_path / "gpu.sqlite").read_bytes() == before
+
+
+def test_a_stage_runs_only_the_tests_its_own_tree_has(tmp_path: Path) -> None:
+    # the shared build folder can hold a later stage's test binary: whether a stage has a test is read from its tree
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    git(repo.parent, "init", "-q", str(repo))
+    (repo / "tests" / "test-a.cpp").write_text("int main() { return 0; }\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a")
+    first = git(repo, "rev-parse", "HEAD")
+    (repo / "tests" / "test-b.cpp").write_text("int main() { return 0; }\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "b")
+    second = git(repo, "rev-parse", "HEAD")
+    assert stage_has_test(repo, first, "test-a")
+    assert not stage_has_test(repo, first, "test-b")
+    assert stage_has_test(repo, second, "test-b")
