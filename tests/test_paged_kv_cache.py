@@ -79,6 +79,14 @@ def test_context_shift_and_position_division_rotate_keys_as_the_standard_cache()
         assert r[phase]["max_abs_diff"] < 4.0, (phase, r[phase])
 
 
+def test_the_standard_caches_own_seq_div_rotates_keys_as_the_paged_cache() -> None:
+    # upstream's seq_div recorded old - new as the move (rows 20.4 apart from the paged cache's after it); the series'
+    # kv-seq-div-fix patch records new - old, as seq_add does
+    r = probe("--standard-div", script=SHIFT_PROBE)
+    assert r["after_div"]["rows"] == 24
+    assert r["after_div"]["max_abs_diff"] < 4.0, r["after_div"]
+
+
 def test_a_pool_too_small_fails_the_batch_and_changes_nothing() -> None:
     # 16 tokens per KV head: one page of 64 slots, and a partly filled last page per (sequence, head): 5 pages per KV
     # head for the 4 sequences, so they run out of pages somewhere past 64 tokens
