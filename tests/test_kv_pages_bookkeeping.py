@@ -28,3 +28,6 @@ def test_pages_hold_exactly_each_sequences_tokens(seed: str) -> None:
     assert sum(refused) > 0, "no run filled its pool"
     assert sum(c > 0 for c in copies) >= len(copies) // 2, "shared pages were rarely written"
     assert re.search(rf"{len(runs)}/{len(runs)} runs passed", out)
+    # evictions (issue 8's bookkeeping) ran and compacted: rows moved to fill the evicted slots
+    moved = [int(m) for m in re.findall(r"\d+ evictions \((\d+) rows moved\)", out)]
+    assert len(moved) == len(runs) - 3 and sum(m > 0 for m in moved) >= len(moved) // 2, out
