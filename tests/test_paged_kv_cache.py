@@ -25,6 +25,7 @@ from pyharness.paged_server import ServerConfig, run_trials, summarize
 PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_probe.py"
 SHIFT_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_shift_probe.py"
 UBATCH_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_ubatch_probe.py"
+EVICT_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_evict_probe.py"
 
 
 def probe(*args: str, script: Path = PROBE) -> dict[str, Any]:
@@ -85,6 +86,19 @@ def test_the_standard_caches_own_seq_div_rotates_keys_as_the_paged_cache() -> No
     r = probe("--standard-div", script=SHIFT_PROBE)
     assert r["after_div"]["rows"] == 24
     assert r["after_div"]["max_abs_diff"] < 4.0, r["after_div"]
+
+
+def test_streaming_eviction_attends_as_the_standard_cache_with_the_middle_removed() -> None:
+    # issue 8's StreamingLLM baseline: 60 tokens in pages of 8 slots, 4 sinks and 16 recent kept in each of the 90
+    # (layer, KV head) tables: 8 pages become 3, and the rows read afterwards are the standard cache's after seq_rm of
+    # the middle up to the order the keys are summed in (the paged cache without the eviction stands about 10 apart)
+    r = probe(script=EVICT_PROBE)
+    assert r["freed"] == 30 * 3 * (8 - 3)
+    assert r["pos"]["paged"] == r["pos"]["standard"] == [0, 59]
+    assert r["evicted_vs_standard_rm"] < 2.0, r
+    assert r["full_vs_standard_rm"] > 4 * r["evicted_vs_standard_rm"], r
+    assert r["greedy_identical"]
+    assert r["bad_recent"] == -1 and r["on_standard"] == -1  # bad input and a standard context: refused
 
 
 def test_a_pool_too_small_fails_the_batch_and_changes_nothing() -> None:
