@@ -225,10 +225,9 @@ def test_a_node_running_another_harness_is_refused(
 
 
 def test_ctrl_c_cancels_outstanding_cells_and_a_rerun_resumes(cluster: Cluster, fresh: Path, tmp_path: Path) -> None:
-    # staggered, so that when the second cell finishes others are half-way: 4 slots, cells 0-3 done by 1.8 s, cells
-    # 4-7 running for 6 s from when a slot frees (long enough that a loaded machine, where Ray starts cells and the
-    # driver stores results late, still interrupts while some run: with 2.8-3.6 s all 8 could finish first)
-    extras = [[f"--sleep={0.6 + 0.4 * i if i < 4 else 6.0:.1f}", f"--cell={i}"] for i in range(8)]
+    # staggered, so that when the second cell finishes others are half-way (4 slots: cells 4 and 5 run from then on
+    # until 2.8 s and 3.6 s, cells 6 and 7 wait)
+    extras = [[f"--sleep={0.6 + 0.4 * i:.1f}", f"--cell={i}"] for i in range(8)]
     spec = fake_matrix(tmp_path, "interrupted", extras)
     db = tmp_path / "r.sqlite"
 
@@ -260,7 +259,7 @@ def test_ctrl_c_cancels_outstanding_cells_and_a_rerun_resumes(cluster: Cluster, 
         threading.Thread(target=interrupt_after_two, daemon=True).start()
         with Store(db) as store, pytest.raises(KeyboardInterrupt):
             executor(cluster).run(spec, store, progress=False)
-        time.sleep(6.5)  # longer than the cells had left: a cell still running now was not stopped
+        time.sleep(3.5)  # longer than the cells had left: a cell still running now was not stopped
         started, finished = markers(fresh, "started"), markers(fresh, "finished")
     finally:
         ray.shutdown()
