@@ -8,6 +8,7 @@ from __future__ import annotations
 import _thread
 import itertools
 import json
+import signal
 import sqlite3
 import sys
 import threading
@@ -255,6 +256,9 @@ def test_ctrl_c_cancels_outstanding_cells_and_a_rerun_resumes(cluster: Cluster, 
     # Connected beforehand, so the executor keeps the connection: its own cancelling must stop the cells (a driver
     # that disconnects takes its job's tasks down with it anyway)
     ray.init(address=cluster.address, log_to_driver=False)
+    # interrupt_main() runs the SIGINT handler in place: Python's own, which raises KeyboardInterrupt, whatever an
+    # earlier test or library left there (the whole suite failed here with "DID NOT RAISE" where this file alone passed)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Thread(target=interrupt_after_two, daemon=True).start()
         with Store(db) as store, pytest.raises(KeyboardInterrupt):
@@ -263,6 +267,7 @@ def test_ctrl_c_cancels_outstanding_cells_and_a_rerun_resumes(cluster: Cluster, 
         started, finished = markers(fresh, "started"), markers(fresh, "finished")
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGINT, handler)
     assert started < 8, "cells queued at Ctrl-C started anyway"
     assert finished < started, "the cells running at Ctrl-C were not stopped"
     with Store(db) as store:
