@@ -116,7 +116,7 @@ class Generation:
 
 
 class _PagedParams(ctypes.Structure):
-    _fields_ = [("page_size", ctypes.c_uint32), ("pool_tokens", ctypes.c_uint32)]
+    _fields_ = [("page_size", ctypes.c_uint32), ("pool_tokens", ctypes.c_uint32), ("n_obs", ctypes.c_uint32)]
 
 
 class _Runner:
@@ -160,7 +160,7 @@ class _Runner:
             fn = lc.llama_cpp._lib.llama_init_from_model_paged
             fn.argtypes = [ctypes.c_void_p, lc.llama_context_params, _PagedParams]
             fn.restype = ctypes.c_void_p
-            ctx = fn(self.model, params, _PagedParams(c.page_size, c.pool_tokens))
+            ctx = fn(self.model, params, _PagedParams(c.page_size, c.pool_tokens, 0))
         else:
             ctx = lc.llama_init_from_model(self.model, params)
         if not ctx:

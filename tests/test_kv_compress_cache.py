@@ -1,0 +1,55 @@
+"""KV-Compress in the paged KV cache (llama_paged_seq_compress, issue 8) on SmolLM2 through llama-cpp-python
+(tests/fixtures/paged_compress_probe.py, against the patched CPU build's libllama).
+
+A budget above the sequence's length must evict nothing and leave every logits row bit for bit the uncompressed
+context's; at a budget of 48 slots per head (of 128 positions), the uniform rate must return exactly the pages of
+the evicted slots (every head keeps 48 slots in 6 pages of 8), KV-Compress a different set (its heads keep different
+counts, so its rows differ from the uniform rate's); decoding must go on, a second compression (by rate, after
+decoding) too; bad requests and contexts that cannot compress must answer -1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_paged_kv_cache import probe
+
+COMPRESS_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_compress_probe.py"
+N_HEADS = 30 * 3  # SmolLM2: layers x KV heads
+PAGES_PER_HEAD = 128 // 8
+
+
+@pytest.fixture(scope="module")
+def result() -> dict[str, Any]:
+    return probe(script=COMPRESS_PROBE)
+
+
+def test_a_budget_over_the_length_changes_nothing(result: dict[str, Any]) -> None:
+    r = result["budget-all"]
+    assert r["freed"] == 0 and r["max_diff_vs_full"] == 0.0, r
+
+
+def test_uniform_rate_returns_the_pages_of_every_heads_evicted_slots(result: dict[str, Any]) -> None:
+    r = result["uniform"]
+    assert r["freed"] == N_HEADS * (PAGES_PER_HEAD - 48 // 8), r
+    assert r["finite"] and r["after_again"] and r["freed_again"] > 0, r
+
+
+def test_kv_compress_keeps_different_counts_per_head(result: dict[str, Any]) -> None:
+    r = result["kvc"]
+    # the same slots in all, fewer whole pages: some heads end in partly filled pages
+    assert 0 < r["freed"] < result["uniform"]["freed"], r
+    assert result["kvc_vs_uniform_max_diff"] > 0.0
+    assert r["finite"] and r["after_again"] and r["freed_again"] > 0, r
+    # an evicting compression moves the logits, but less than dropping the middle wholesale does
+    assert 0.0 < r["mean_kl_vs_full"] < result["streaming"]["mean_kl_vs_full"], result
+
+
+def test_bad_requests_and_contexts_answer_minus_one(result: dict[str, Any]) -> None:
+    assert result["kvc"]["bad"] == {"budget_below_window": -1, "rate_below_1": -1, "no_recent": -1}
+    assert result["no_obs"] == -1 and result["on_standard"] == -1
