@@ -350,7 +350,7 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     )
     p.add_argument("file", help="matrix file, e.g. matrices/default.toml")
     p.add_argument("--db", help=DB_HELP)
-    p.add_argument("--text", help="evaluation text for ppl evaluations that name none")
+    p.add_argument("--text", help="evaluation text for ppl and retrieval evaluations that name none")
     p.add_argument("--no-build", action="store_true", help="use the existing builds instead of `pyharness build`")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is stored; run nothing")
     p.add_argument("--skip-failed", action="store_true", help="do not retry cells whose last run failed")

@@ -75,9 +75,20 @@ File format
     pps = true                          # one prompt shared by every sequence (llama_memory_seq_cp)
     ctx = 32768                         # n_ctx (default: the largest npl x (npp + ntg)); [flags] extra goes to the tool
 
+    [[eval]]
+    kind = "retrieval"                  # llama-needle: needle-in-a-haystack accuracy under KV compression (patched)
+    lengths = [4096, 8192]              # prompt lengths in tokens (>= 256)
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]  # where the key is planted, a fraction of the haystack (0 < depth < 1)
+    trials = 50                         # trials per (length, depth)
+    keys = 1                            # keys planted per haystack (one is asked for)
+    methods = ["full", "kvc", "uniform", "streaming"]   # full once at rate 1, each other method at every rate
+    rates = [2, 2.5, 4, 8]              # compression rates R >= 1: budget per (layer, KV head) = length / R
+    # ctx = 16640 (default: 2 x max(lengths) + 256: the prefilled sequence and its copy share one pool),
+    # text = "..." as for ppl; [flags] extra goes to the tool (--kv-compress-window, -sink, -obs)
+
     [[exclude]]                         # drop the cells matching every key given
     variant = "upstream"
-    extra = ["--flag"]
+    extra = ["--flag"]                  # or a list of argument lists: any of them
 
 Anything else (an unknown key or table, an unknown variant or backend, a model that does not resolve, contradictory
 flags such as a quantized V cache with flash_attn = "off") fails before anything runs, naming the file and line.
@@ -128,6 +139,13 @@ from pyharness.runners.perplexity import (
     ppl_config,
     run_perplexity,
 )
+from pyharness.runners.retrieval import OWN_ARGS as RETRIEVAL_OWN_ARGS
+from pyharness.runners.retrieval import (
+    SCHEDULE_ARGS,
+    RetrievalParams,
+    retrieval_config,
+    run_retrieval,
+)
 from pyharness.runners.sampler import SamplerBenchParams, run_sampler_bench
 from pyharness.store import RunRecord, Store
 
@@ -170,6 +188,7 @@ EVAL_KEYS["paged-server"] = {
     "server_args",
 }
 EVAL_KEYS["batched"] = {"kind", "name", "npp", "ntg", "npl", "pps", "ctx"}
+EVAL_KEYS["retrieval"] = {"kind", "name", "lengths", "depths", "trials", "keys", "methods", "rates", "ctx", "text"}
 PAGED_KINDS = ("paged-generate", "paged-server")
 KLD_BASE_KEYS = {"variant", "backend", "kv", "cache_type_k", "cache_type_v", "flash_attn", "extra"}
 EXCLUDE_KEYS = {"variant", "backend", "model", "eval", *FLAG_KEYS}
@@ -339,6 +358,10 @@ def excluded(cell: Cell, ex: dict[str, Any]) -> bool:
             continue
         elif key == "flash_attn":
             have, want = cell.flags.get("flash_attn"), normalize_fa(want)
+        elif key == "extra" and want and all(isinstance(w, list) for w in want):
+            if cell.flags.get("extra") not in want:  # a list of argument lists: any of them
+                return False
+            continue
         else:
             have = cell.flags.get(key)
         if have != want:
@@ -439,6 +462,14 @@ def load_matrix(path: Path | str) -> MatrixSpec:
             raise chk.fail(loc.key("exclude", "variant", i), f"unknown variant '{ex['variant']}'")
         if "backend" in ex and ex["backend"] not in BACKENDS:
             raise chk.fail(loc.key("exclude", "backend", i), f"unknown backend '{ex['backend']}'")
+        if "extra" in ex:
+            extra = ex["extra"]
+            lists = extra if isinstance(extra, list) and extra and all(isinstance(v, list) for v in extra) else [extra]
+            if not all(isinstance(v, list) and all(isinstance(a, str) for a in v) for v in lists):
+                raise chk.fail(
+                    loc.key("exclude", "extra", i),
+                    "'extra' in [[exclude]] must be a list of arguments or a list of argument lists",
+                )
         excludes.append(ex)
 
     spec = MatrixSpec(
@@ -640,6 +671,8 @@ def check_eval(index: int, ev: Any, chk: Checker, flag_axes: dict[str, list[Any]
         values, name = check_paged_eval(kind, index, ev, chk)
     elif kind == "batched":
         values, name = check_batched_eval(index, ev, chk)
+    elif kind == "retrieval":
+        values, name = check_retrieval_eval(index, ev, chk)
     else:
         mode = ev.get("mode", "perf")
         if mode not in ("perf", "test"):
@@ -716,6 +749,101 @@ def check_batched_eval(index: int, ev: dict[str, Any], chk: Checker) -> tuple[di
         values["ctx"],
     )
     return values, ev.get("name") or name
+
+
+def _number_list(value: Any, line: int, key: str, chk: Checker, ok: Callable[[float], bool], what: str) -> list[float]:
+    values = _as_list(value)
+    if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) and ok(v) for v in values):
+        raise chk.fail(line, f"'{key}' must be {what}, or a non-empty list of them, got {value!r}")
+    return [float(v) for v in values]
+
+
+def check_retrieval_eval(index: int, ev: dict[str, Any], chk: Checker) -> tuple[dict[str, Any], Any]:
+    """The values of a retrieval evaluation (llama-needle), and its name."""
+    from pyharness.runners.retrieval import DEFAULT_DEPTHS, DEFAULT_RATES, METHODS, MIN_LENGTH, default_ctx
+
+    loc = chk.loc
+
+    def line(key: str) -> int:
+        return loc.key("eval", key, index)
+
+    lengths = _int_list(ev.get("lengths", [4096]), line("lengths"), "lengths", chk, MIN_LENGTH)
+    values: dict[str, Any] = {"lengths": list(dict.fromkeys(lengths))}
+    values["depths"] = list(
+        dict.fromkeys(
+            _number_list(
+                ev.get("depths", list(DEFAULT_DEPTHS)),
+                line("depths"),
+                "depths",
+                chk,
+                lambda d: 0 < d < 1,
+                "a number strictly between 0 and 1",
+            )
+        )
+    )
+    values["trials"] = _one_int(ev.get("trials", 50), line("trials"), "trials", chk, 1)
+    values["keys"] = _one_int(ev.get("keys", 1), line("keys"), "keys", chk, 1)
+    methods = ev.get("methods", list(METHODS))
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, str) and m in METHODS for m in methods):
+        raise chk.fail(line("methods"), f"'methods' must be a non-empty list of: {', '.join(METHODS)}; got {methods!r}")
+    values["methods"] = list(dict.fromkeys(methods))
+    values["rates"] = list(
+        dict.fromkeys(
+            _number_list(
+                ev.get("rates", list(DEFAULT_RATES)), line("rates"), "rates", chk, lambda r: r >= 1, "a number >= 1"
+            )
+        )
+    )
+    longest = max(values["lengths"])
+    values["ctx"] = _one_int(ev.get("ctx", default_ctx(values["lengths"])), line("ctx"), "ctx", chk, 16)
+    if values["ctx"] <= longest:
+        raise chk.fail(
+            line("ctx"),
+            f"ctx = {values['ctx']} does not hold a prompt of {longest} tokens",
+            f"leave ctx out (default {default_ctx(values['lengths'])}: the prompt and its copy share a pool)",
+        )
+    if "text" in ev:
+        if not isinstance(ev["text"], str) or not Path(ev["text"]).expanduser().is_file():
+            raise chk.fail(line("text"), f"text file {ev['text']!r} does not exist")
+        values["text"] = str(Path(ev["text"]).expanduser().resolve())
+    compressed = [m for m in values["methods"] if m != "full"]
+    name = "retrieval(L{} d{} x{} k{}{} c{})".format(
+        ",".join(map(str, values["lengths"])),
+        len(values["depths"]),
+        values["trials"],
+        values["keys"],
+        (" " + ",".join(compressed) + " R" + ",".join(f"{r:g}" for r in values["rates"])) if compressed else " full",
+        values["ctx"],
+    )
+    return values, ev.get("name") or name
+
+
+def check_retrieval_cell(cell: Cell, chk: Checker) -> None:
+    """llama-needle exists in the patched build only; [flags] extra goes to it after the eval's own arguments and
+    must neither set them again nor put compression on a schedule of its own."""
+    loc = chk.loc
+    if cell.variant != "patched":
+        raise chk.fail(
+            loc.table("eval", cell.ev.index),
+            f"retrieval needs the patched variant (cell {cell.label()}): llama-needle is a tool of the patch "
+            "series (kv-compress), upstream has none",
+            'use variants = ["patched"] or exclude the upstream cells with [[exclude]]',
+        )
+    own = [a for a in cell.flags["extra"] if a in RETRIEVAL_OWN_ARGS]
+    if own:
+        raise chk.fail(
+            loc.key("flags", "extra"),
+            f"extra arguments {' '.join(own)} are the retrieval evaluation's own (cell {cell.label()})",
+            "set lengths, depths, trials, keys, methods, rates, ctx and text in the [[eval]]",
+        )
+    schedule = [a for a in cell.flags["extra"] if a in SCHEDULE_ARGS]
+    if schedule:
+        raise chk.fail(
+            loc.key("flags", "extra"),
+            f"extra arguments {' '.join(schedule)} would compress on a schedule of their own (cell {cell.label()}): "
+            "llama-needle compresses each configuration itself",
+            "set methods and rates in the [[eval]]; --kv-compress-window, -sink and -obs may stay in extra",
+        )
 
 
 def check_batched_cell(cell: Cell, chk: Checker) -> None:
@@ -804,6 +932,8 @@ def check_cell(cell: Cell, chk: Checker) -> None:
         check_paged_cell(cell, chk)
     if cell.ev.kind == "batched":
         check_batched_cell(cell, chk)
+    if cell.ev.kind == "retrieval":
+        check_retrieval_cell(cell, chk)
     if cell.flags.get("n_gpu_layers") and cell.backend == "cpu" and cell.ev.kind not in MODEL_FREE_KINDS:
         raise chk.fail(
             loc.key("flags", "n_gpu_layers"),
@@ -983,7 +1113,34 @@ def batched_params(cell: Cell) -> BatchedParams:
     ).validate()
 
 
+def retrieval_params(cell: Cell) -> RetrievalParams:
+    f, ev = cell.flags, cell.ev.values
+    return RetrievalParams(
+        lengths=list(ev["lengths"]),
+        depths=list(ev["depths"]),
+        trials=ev["trials"],
+        keys=ev["keys"],
+        methods=list(ev["methods"]),
+        rates=list(ev["rates"]),
+        ctx=ev["ctx"],
+        cache_type_k=f["cache_type_k"],
+        cache_type_v=f["cache_type_v"],
+        flash_attn=f["flash_attn"],
+        threads=f.get("threads"),
+        batch=f.get("batch"),
+        ubatch=f.get("ubatch"),
+        n_gpu_layers=f.get("n_gpu_layers"),
+        extra=list(f["extra"]),
+    ).validate()
+
+
+# evaluations that read the evaluation text (the eval's `text`, else --text / $PYHARNESS_TEXT / the cache)
+TEXT_KINDS = ("ppl", "retrieval")
+
+
 def cell_config(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -> str:
+    if cell.ev.kind == "retrieval":
+        return retrieval_config(ctx, retrieval_params(cell), cell_text(cell, text))[0]
     if cell.ev.kind == "ppl":
         req = PplRequest(params=ppl_params(cell), text=cell_text(cell, text), kld=kld_base_of(cell), root=root)
         return ppl_config(ctx, req)[0]
@@ -1014,6 +1171,8 @@ def run_cell(cell: Cell, ctx: RunContext, text: str | None, root: Path | None) -
         return run_bench(ctx, bench_params(cell))
     if cell.ev.kind == "batched":
         return run_batched(ctx, batched_params(cell))
+    if cell.ev.kind == "retrieval":
+        return run_retrieval(ctx, retrieval_params(cell), cell_text(cell, text))
     if cell.ev.kind == "sampler":
         return run_sampler_bench(ctx, sampler_params(cell))
     if cell.ev.kind == "decode":
@@ -1107,7 +1266,7 @@ def plan(
                     exc.fix,
                 ) from exc
     for cell in cells:
-        if cell.ev.kind == "ppl":
+        if cell.ev.kind in TEXT_KINDS:
             try:
                 cell_text(cell, text)
             except HarnessError as exc:

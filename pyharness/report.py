@@ -27,6 +27,7 @@ from pyharness.batched_report import batched_runs, batched_section, table_rows
 from pyharness.errors import HarnessError
 from pyharness.host import hardware_key
 from pyharness.paged_report import is_paged_metric, paged_sections
+from pyharness.retrieval_report import plot_retrieval, retrieval_rows, retrieval_section, summarize
 from pyharness.store import Store
 
 BUSY_THRESHOLD = 0.10  # share of the machine's CPU used by other processes above which a bench is flagged
@@ -60,6 +61,7 @@ class Report:
     bench_rows: list[dict[str, Any]]
     ppl_rows: list[dict[str, Any]]
     warnings: list[str]
+    retrieval_rows: list[dict[str, Any]] = field(default_factory=list)  # retrieval_report.summarize() rows
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -196,6 +198,7 @@ def ppl_rows(store: Store, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any
             "ppl": p["ppl"],
             "ppl_err": p["ppl_err"],
             "kv_mib": p["kv_mib"],  # a column Store adds to older stores when it opens them
+            "kv_used_mib": p["kv_used_mib"],  # the paged cache's pages in use at the end (same)
             "base": f"{base['variant']} {base['params']['cache_type_k']}/{base['params']['cache_type_v']}"
             if base
             else "",
@@ -647,18 +650,21 @@ def build_report(
     all_bench: list[dict[str, Any]] = []
     all_ppl: list[dict[str, Any]] = []
     all_batched: list[dict[str, Any]] = []
+    all_retrieval: list[dict[str, Any]] = []
     batched = batched_runs(store.conn, matrix)  # failed ones too: a configuration that does not fit is a result
     for i, group in enumerate(groups, 1):
         b = bench_rows(store, group.runs)
         p = ppl_rows(store, group.runs)
         f = feature_rows(store, group.runs)
         bb = table_rows(store.conn, [r for r in batched if in_group(r, group)])
-        for rows in (b, p, bb):
+        rv = summarize(retrieval_rows(store.conn, group.runs))
+        for rows in (b, p, bb, rv):
             for r in rows:
                 r["group"] = i
         all_bench += b
         all_ppl += p
         all_batched += bb
+        all_retrieval += rv
         heading = f"## {group.title}" if len(groups) > 1 else "## Environment"
         parts += [heading, "", environment_block(group), ""]
         sampler = [r for r in f if SAMPLER_METRIC.match(r["metric"])]
@@ -677,6 +683,7 @@ def build_report(
             decode_section(decode),
             *paged_sections(group.runs),
             batched_section(bb),
+            retrieval_section(rv),
             feature_section(others),
         )
         for section in sections:
@@ -701,11 +708,17 @@ def build_report(
         ]
     return Report(
         markdown="\n".join(parts).rstrip() + "\n",
-        csv={"bench.csv": to_csv(all_bench), "ppl.csv": to_csv(all_ppl), "batched.csv": to_csv(all_batched)},
+        csv={
+            "bench.csv": to_csv(all_bench),
+            "ppl.csv": to_csv(all_ppl),
+            "batched.csv": to_csv(all_batched),
+            "retrieval.csv": to_csv(all_retrieval),
+        },
         groups=groups,
         bench_rows=all_bench,
         ppl_rows=all_ppl,
         warnings=warnings,
+        retrieval_rows=all_retrieval,
     )
 
 
@@ -713,8 +726,70 @@ def test_kind(row: dict[str, Any]) -> str:
     return "pp" if row["n_gen"] == 0 else "tg" if row["n_prompt"] == 0 else "pp+tg"
 
 
+def kv_memory(row: dict[str, Any]) -> float | None:
+    """A perplexity run's KV memory in MiB: the paged cache's pages in use at the end of the run when it logged them
+    (a compressed cache holds fewer than its pool), else the cache's size."""
+    return row.get("kv_used_mib") or row.get("kv_mib") or None
+
+
+KV_COMPRESS_ARG = "--kv-compress"
+
+
+def ppl_series(row: dict[str, Any]) -> str:
+    """The line a perplexity run belongs to in the PPL / KV memory plot: runs that differ only in their compression
+    budget or rate (`--kv-compress-budget` / `-rate`) share a line; every other configuration is a point of its own."""
+    args, rest, skip = row["extra"].split(), [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif KV_COMPRESS_ARG in args and a in ("--kv-compress-budget", "--kv-compress-rate"):
+            skip = True  # the budget is the line's x axis
+        else:
+            rest.append(a)
+    return f"{row['variant']} {' '.join(rest) or 'standard cache'} KV {kv_label(row['type_k'], row['type_v'])}"
+
+
+def plot_ppl_vs_kv(rows: list[dict[str, Any]], out: Path, plt: Any, *, tag_groups: bool) -> Path | None:
+    """PPL against KV memory, a panel per model and context: a line per compression method through its budgets, a
+    point per other configuration (full caches, quantized caches)."""
+    rows = [r for r in rows if kv_memory(r)]
+    if not rows:
+        return None
+    panels: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        panels[(r["model"], r["ctx"], r["group"] if tag_groups else None)].append(r)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
+    for ax, (key, members) in zip(axes[0], sorted(panels.items(), key=lambda kv: str(kv[0])), strict=True):
+        series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in members:
+            series[ppl_series(r)].append(r)
+        for label, pts in sorted(series.items()):
+            pts.sort(key=lambda r: kv_memory(r) or 0.0)
+            ax.errorbar(
+                [kv_memory(p) for p in pts],
+                [p["ppl"] for p in pts],
+                yerr=[p["ppl_err"] for p in pts],
+                marker="o",
+                capsize=3,
+                linestyle="-" if len(pts) > 1 else "none",
+                label=label,
+            )
+        model, ctx, group = key
+        ax.set_title(f"{model} c{ctx}: PPL vs KV memory" + (f" [g{group}]" if group else ""))
+        ax.set_xlabel("KV memory (MiB: pages in use at the end for the paged cache, else the cache's size)")
+        ax.set_ylabel("perplexity (± error)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "ppl_vs_kv.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(report: Report, out: Path) -> list[Path]:
-    """PNG plots: throughput against depth per variant; PPL and mean KLD per configuration."""
+    """PNG plots: throughput against depth per variant; PPL and mean KLD per configuration; PPL against KV memory;
+    retrieval accuracy against KV memory."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -793,6 +868,13 @@ def plot(report: Report, out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    several = len(report.groups) > 1
+    for extra_plot in (
+        plot_ppl_vs_kv(report.ppl_rows, out, plt, tag_groups=several),
+        plot_retrieval(report.retrieval_rows, out, plt, tag_groups=several),
+    ):
+        if extra_plot is not None:
+            written.append(extra_plot)
     return written
 
 

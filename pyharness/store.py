@@ -22,6 +22,11 @@ Tables
     llama-batched-bench runs (`pyharness.runners.batched`): one row per requested (pp, tg, pl) with its status ('ok',
     'skipped' when it did not fit the context, 'failed', 'not run') and the tool's jsonl fields; and per run the KV
     cache's memory as llama.cpp logged it (the cache's cells or pages and pool, K/V/positions MiB, buffers).
+`retrieval`
+    llama-needle runs (`pyharness.runners.retrieval`): one row per (trial, configuration) the tool printed: the
+    prompt's length and the key's depth, the trial, the method (full, kvc, uniform, streaming) and rate with its
+    budget, the expected and generated answers and whether they match, the KV bytes the compressed copy holds against
+    the uncompressed sequence, and the prefill, compression and decoding times.
 `matrix_runs`
     One row per `pyharness matrix` invocation that ran cells: executor, wall time, counts, and the nodes cells ran on
     (`pyharness scaling` compares a serial and a parallel invocation of one matrix).
@@ -195,6 +200,7 @@ PERPLEXITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ppl_err", "REAL"),
     ("source", "TEXT"),
     ("kv_mib", "REAL"),  # llama.cpp's KV cache size (its own log line), MiB
+    ("kv_used_mib", "REAL"),  # the paged cache's MiB in use at exit (its memory breakdown line), else NULL
 )
 
 # llama-perplexity --kl-divergence: the "Perplexity", "KL divergence" and "Token probability" statistics blocks.
@@ -314,7 +320,7 @@ KV_MEMORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("positions_mib", "REAL"),
     ("cells", "INTEGER"),
     ("n_stream", "INTEGER"),
-    ("pages", "INTEGER"),
+    ("kv_bytes", "INTEGER"),
     ("page_size", "INTEGER"),
     ("n_head_kv", "INTEGER"),
     ("pool_tokens", "INTEGER"),
@@ -323,6 +329,29 @@ KV_MEMORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("output_mib", "REAL"),
     ("fallback", "TEXT"),
     ("log_lines", "TEXT"),
+)
+
+
+# llama-needle (`pyharness.runners.retrieval`): one row per line of its stdout, the line's keys in its order
+RETRIEVAL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("row_index", "INTEGER NOT NULL"),
+    ("length", "INTEGER"),
+    ("depth", "REAL"),
+    ("trial", "INTEGER"),
+    ("keys", "INTEGER"),
+    ("method", "TEXT"),
+    ("rate", "REAL"),
+    ("budget", "INTEGER"),
+    ("expected", "TEXT"),
+    ("output", "TEXT"),
+    ("correct", "INTEGER"),
+    ("n_prompt", "INTEGER"),
+    ("kv_bytes", "INTEGER"),
+    ("kv_bytes_full", "INTEGER"),
+    ("kv_ratio", "REAL"),
+    ("t_prefill_ms", "REAL"),
+    ("t_compress_ms", "REAL"),
+    ("t_decode_ms", "REAL"),
 )
 
 
@@ -377,6 +406,11 @@ SCHEMA: tuple[str, ...] = (
         "kv_memory",
         (("run_id", "INTEGER PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE"), *KV_MEMORY_COLUMNS),
     ),
+    _ddl(
+        "retrieval",
+        (("run_id", "INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE"), *RETRIEVAL_COLUMNS),
+        ",\n  PRIMARY KEY (run_id, row_index)",
+    ),
     _ddl("llama_bench", LLAMA_BENCH_COLUMNS),
     _ddl("test_backend_ops", TEST_BACKEND_OPS_COLUMNS),
     _ddl("matrix_runs", MATRIX_RUN_COLUMNS),
@@ -419,6 +453,7 @@ class RunRecord:
     feature_evals: list[FeatureEval] = field(default_factory=list)
     batched: list[dict[str, Any]] = field(default_factory=list)  # batched_bench rows
     kv_memory: dict[str, Any] | None = None
+    retrieval: list[dict[str, Any]] = field(default_factory=list)  # retrieval rows
 
     @property
     def ok(self) -> bool:
@@ -560,6 +595,8 @@ class Store:
                 self._insert(conn, "batched_bench", {"run_id": run_id, **row})
             if record.kv_memory:
                 self._insert(conn, "kv_memory", {"run_id": run_id, **record.kv_memory})
+            for row in record.retrieval:
+                self._insert(conn, "retrieval", {"run_id": run_id, **row})
         return run_id
 
     def find_ok(self, config_hash: str) -> int | None:

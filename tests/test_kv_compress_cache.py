@@ -50,6 +50,16 @@ def test_kv_compress_keeps_different_counts_per_head(result: dict[str, Any]) -> 
     assert 0.0 < r["mean_kl_vs_full"] < result["streaming"]["mean_kl_vs_full"], result
 
 
+def test_a_compressed_copy_is_the_compressed_original_and_leaves_the_source(result: dict[str, Any]) -> None:
+    # the copy shares the prompt's pages: compacting it copies them first (runs of the device-side row copies that
+    # read rows an earlier copy wrote), and it observed the prompt's queries through llama_memory_seq_cp
+    r = result["kvc-copy"]
+    assert r["max_diff_vs_kvc"] == 0.0, r
+    assert r["source_max_diff_vs_full"] == 0.0, r
+    # the copy's evicted pages were shared: fewer go back than when the prompt's own sequence is compressed
+    assert 0 <= r["freed"] < result["kvc"]["freed"], r
+
+
 def test_bad_requests_and_contexts_answer_minus_one(result: dict[str, Any]) -> None:
     assert result["kvc"]["bad"] == {"budget_below_window": -1, "rate_below_1": -1, "no_recent": -1}
     assert result["no_obs"] == -1 and result["on_standard"] == -1

@@ -29,6 +29,7 @@ def test_final_estimate_of_a_real_run() -> None:
         "ppl_err": float(raw.group(2)),
         "source": "final_estimate",
         "kv_mib": None,  # the fixture ran without -lv 4
+        "kv_used_mib": None,  # and with the standard cache
     }
     assert row["ppl"] == 33.1128 and row["ppl_err"] == 7.47930
 
@@ -37,7 +38,13 @@ def test_kl_divergence_statistics_of_a_real_run() -> None:
     out, err = evalkit.fixture("kld-q8_0.stdout"), evalkit.fixture("kld-q8_0.stderr")
     row, kld = ppl.parse_perplexity_output(out, err, kld=True)
     assert kld is not None
-    assert row == {"ppl": 33.04877, "ppl_err": 7.459192, "source": "kld_statistics", "kv_mib": None}
+    assert row == {
+        "ppl": 33.04877,
+        "ppl_err": 7.459192,
+        "source": "kld_statistics",
+        "kv_mib": None,
+        "kv_used_mib": None,
+    }
     assert set(kld) == set(KLD_STAT_COLUMNS)
     expected = {
         "ppl_base": 32.96351,
@@ -140,6 +147,23 @@ def test_kv_cache_size_is_llama_cpps_own_summed_over_its_caches() -> None:
     )
     assert ppl.parse_kv_mib(paged) == 45.70
     assert ppl.parse_kv_mib("llama_kv_cache:        CPU KV buffer size =     6.19 MiB\n") is None
+
+
+def test_kv_memory_in_use_is_the_paged_caches_last_line() -> None:
+    """The paged cache logs its pages in use with the memory breakdown; the last such line is the run's end state."""
+    log = (
+        "I llama_kv_cache_paged: size =   45.70 MiB (    96 pages of 64 slots,  30 layers,  4 seqs), "
+        "K (f16):   22.50 MiB, V (f16):   22.50 MiB, positions: 0.70 MiB (1.56% of K+V)\n"
+        "I memory_breakdown: paged KV cache: 0 of 2880 pages in use (0.00 of 45.70 MiB, 30 layers, pages of 64 "
+        "slots)\n"
+        "I memory_breakdown: paged KV cache: 720 of 2880 pages in use (11.42 of 45.70 MiB, 30 layers, pages of 64 "
+        "slots)\n"
+    )
+    assert ppl.parse_kv_used_mib(log) == 11.42
+    assert ppl.parse_kv_mib(log) == 45.70
+    row, _ = ppl.parse_perplexity_output("", log + "Final estimate: PPL = 12.5 +/- 0.5\n", kld=False)
+    assert (row["kv_mib"], row["kv_used_mib"]) == (45.70, 11.42)
+    assert ppl.parse_kv_used_mib("I llama_kv_cache: size =   46.41 MiB (   256 cells,  30 layers, 16/16 seqs)") is None
 
 
 def test_parameters_are_checked() -> None:

@@ -256,6 +256,18 @@ def parse_kv_mib(output: str) -> float | None:
     return sum(sizes) if sizes else None
 
 
+# llama_kv_cache_paged::memory_breakdown (llama-perplexity prints the memory breakdown at exit):
+# memory_breakdown: paged KV cache: 96 of 384 pages in use (11.42 of 45.70 MiB, 30 layers, pages of 64 slots)
+KV_USED_RE = re.compile(r"paged KV cache: \d+ of \d+ pages in use \((" + NUM + r") of " + NUM + r" MiB")
+
+
+def parse_kv_used_mib(output: str) -> float | None:
+    """The paged cache's MiB in use as it last logged them (at exit: the last chunk's pages, a compressed cache's
+    after its last compression and the tokens since), or None (the standard cache logs no such line)."""
+    found = KV_USED_RE.findall(output)
+    return _float(found[-1]) if found else None
+
+
 def _why(output: str) -> str:
     for line in output.splitlines():
         low = line.lower()
@@ -267,13 +279,13 @@ def _why(output: str) -> str:
 def parse_perplexity_output(stdout: str, stderr: str, *, kld: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(perplexity row, kld row or None) from a finished run's two streams."""
     combined = f"{stdout}\n{stderr}"
-    kv_mib = parse_kv_mib(combined)
+    memory = {"kv_mib": parse_kv_mib(combined), "kv_used_mib": parse_kv_used_mib(combined)}
     if kld:
         stats = parse_kld(stdout if "====== Perplexity statistics" in stdout else combined)
-        ppl = {"ppl": stats.pop("ppl"), "ppl_err": stats.pop("ppl_err"), "source": "kld_statistics", "kv_mib": kv_mib}
+        ppl = {"ppl": stats.pop("ppl"), "ppl_err": stats.pop("ppl_err"), "source": "kld_statistics", **memory}
         return ppl, stats
     final = parse_final_estimate(combined)
-    return {**final, "source": "final_estimate", "kv_mib": kv_mib}, None
+    return {**final, "source": "final_estimate", **memory}, None
 
 
 # ------------------------------------------------------------------------------------------------ KLD base cache
