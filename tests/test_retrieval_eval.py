@@ -525,20 +525,23 @@ def test_shipped_kv_compress_matrices() -> None:
         assert base is not None and (base.variant, base.cache_type_k, base.extra) == ("patched", "f16", ())
     assert round(8192 / 2.5) == 3277
 
-    h100 = matrix.load_matrix(root / "kv-compress-h100-retrieval.toml")
-    by_model = {c.model: matrix.retrieval_params(c) for c in h100.cells()}
-    assert set(by_model) == {"smollm2-135m", "gemma3-270m"} and len(h100.cells()) == 2
-    assert by_model["smollm2-135m"].lengths == [4096, 8192] and by_model["smollm2-135m"].ctx == 16640
-    assert by_model["gemma3-270m"].lengths == [8192, 16384, 32768] and by_model["gemma3-270m"].ctx == 65792
-    for p in by_model.values():
-        assert (p.trials, p.rates, p.methods, p.depths) == (
-            50,
-            [2.0, 2.5, 4.0, 8.0],
-            ["full", "kvc", "uniform", "streaming"],
-            [0.1, 0.3, 0.5, 0.7, 0.9],
-        )
-        assert (p.n_gpu_layers, p.batch, p.ubatch, p.flash_attn, p.cache_type_k) == (99, 2048, 512, "on", "f16")
-    assert by_model["smollm2-135m"].expected_lines() == 6500
+    lengths = {"smollm2": [4096, 8192], "gemma3": [8192, 16384, 32768]}
+    for name, model in (("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m")):
+        h100 = matrix.load_matrix(root / f"kv-compress-h100-retrieval-{name}.toml")
+        params = [matrix.retrieval_params(c) for c in h100.cells()]
+        assert {c.model for c in h100.cells()} == {model}
+        # one cell per length (a device call each), 50 trials per length
+        assert [p.lengths for p in params] == [[n] for n in lengths[name]]
+        for p in params:
+            assert p.ctx == 2 * p.lengths[0] + 256
+            assert (p.trials * len(p.depths), p.rates, p.methods, p.depths) == (
+                50,
+                [2.0, 2.5, 4.0, 8.0],
+                ["full", "kvc", "uniform", "streaming"],
+                [0.1, 0.3, 0.5, 0.7, 0.9],
+            )
+            assert (p.n_gpu_layers, p.batch, p.ubatch, p.flash_attn, p.cache_type_k) == (99, 2048, 512, "on", "f16")
+            assert p.expected_lines() == 650
 
     cpu = matrix.load_matrix(root / "kv-compress-cpu-retrieval.toml")
     [cell] = cpu.cells()
