@@ -60,6 +60,14 @@ def test_a_compressed_copy_is_the_compressed_original_and_leaves_the_source(resu
     assert 0 <= r["freed"] < result["kvc"]["freed"], r
 
 
+def test_a_schedule_without_a_period_compresses_once_the_sequence_decodes(result: dict[str, Any]) -> None:
+    # after the prompt (two ubatches of 64) nothing; after the first decoded token nothing either (that ubatch is the
+    # first of one token); before the second decode the sequence is brought to its budget
+    after_prompt, after_first, after_second = result["schedule-once"]["kv_bytes"]
+    assert after_first >= after_prompt > 0, result["schedule-once"]
+    assert after_second < after_first * 0.6, result["schedule-once"]
+
+
 def test_bad_requests_and_contexts_answer_minus_one(result: dict[str, Any]) -> None:
     assert result["kvc"]["bad"] == {"budget_below_window": -1, "rate_below_1": -1, "no_recent": -1}
     assert result["no_obs"] == -1 and result["on_standard"] == -1
