@@ -506,8 +506,8 @@ def test_shipped_kv_compress_matrices() -> None:
     ppl = matrix.load_matrix(root / "kv-compress-cpu-ppl.toml")
     cells = {(c.flags["cache_type_k"], " ".join(c.flags["extra"])) for c in ppl.cells()}
     compressed = {
-        ("f16", f"--kv-compress {m} --kv-compress-budget {b} --kv-compress-every 512")
-        for m in ("kvc", "uniform", "streaming")
+        ("f16", f"--kv-compress {m} --kv-compress-budget {b} --kv-compress-every 512" + sink)
+        for m, sink in (("kvc", ""), ("uniform", ""), ("streaming", " --kv-compress-sink 4"))
         for b in (4096, 3277, 2048, 1024)
     }
     assert cells == {
