@@ -42,7 +42,8 @@ def _cell_text(text: str, limit: int = NOTE_LIMIT) -> str:
     return flat if len(flat) <= limit else flat[:limit] + "…"
 
 
-def _params(run: dict[str, Any]) -> dict[str, Any]:
+def run_params(run: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's parameters (its `params` JSON), {} when absent or not an object."""
     try:
         params = json.loads(run.get("params") or "{}")
     except ValueError:
@@ -75,7 +76,7 @@ def table_rows(conn: sqlite3.Connection, runs: Sequence[dict[str, Any]]) -> list
     for run in runs:
         mem_row = conn.execute("SELECT * FROM kv_memory WHERE run_id = ?", (run["run_id"],)).fetchone()
         mem = dict(mem_row) if mem_row else None
-        params = _params(run)
+        params = run_params(run)
         name = run.get("model_name") or "?"
         base = {
             "run_id": run["run_id"],

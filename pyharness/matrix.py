@@ -1094,6 +1094,20 @@ def paged_server_params(cell: Cell) -> PagedServerParams:
     return PagedServerParams(**values, threads=f.get("threads"), flash_attn=f["flash_attn"], extra=extra)
 
 
+def tool_flags(f: dict[str, Any]) -> dict[str, Any]:
+    """A cell's [flags] as the keyword arguments of the batched and retrieval runners' parameters."""
+    return {
+        "cache_type_k": f["cache_type_k"],
+        "cache_type_v": f["cache_type_v"],
+        "flash_attn": f["flash_attn"],
+        "threads": f.get("threads"),
+        "batch": f.get("batch"),
+        "ubatch": f.get("ubatch"),
+        "n_gpu_layers": f.get("n_gpu_layers"),
+        "extra": list(f["extra"]),
+    }
+
+
 def batched_params(cell: Cell) -> BatchedParams:
     f, ev = cell.flags, cell.ev.values
     return BatchedParams(
@@ -1102,14 +1116,7 @@ def batched_params(cell: Cell) -> BatchedParams:
         npl=list(ev["npl"]),
         pps=ev["pps"],
         ctx=ev["ctx"],
-        cache_type_k=f["cache_type_k"],
-        cache_type_v=f["cache_type_v"],
-        flash_attn=f["flash_attn"],
-        threads=f.get("threads"),
-        batch=f.get("batch"),
-        ubatch=f.get("ubatch"),
-        n_gpu_layers=f.get("n_gpu_layers"),
-        extra=list(f["extra"]),
+        **tool_flags(f),
     ).validate()
 
 
@@ -1123,14 +1130,7 @@ def retrieval_params(cell: Cell) -> RetrievalParams:
         methods=list(ev["methods"]),
         rates=list(ev["rates"]),
         ctx=ev["ctx"],
-        cache_type_k=f["cache_type_k"],
-        cache_type_v=f["cache_type_v"],
-        flash_attn=f["flash_attn"],
-        threads=f.get("threads"),
-        batch=f.get("batch"),
-        ubatch=f.get("ubatch"),
-        n_gpu_layers=f.get("n_gpu_layers"),
-        extra=list(f["extra"]),
+        **tool_flags(f),
     ).validate()
 
 

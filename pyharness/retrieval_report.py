@@ -5,7 +5,6 @@ a plot of accuracy against KV memory."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import statistics
 from collections import defaultdict
@@ -13,21 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyharness.batched_report import run_params
 from pyharness.runners.retrieval import KIND, METHODS
-
-
-def _params(run: dict[str, Any]) -> dict[str, Any]:
-    try:
-        params = json.loads(run.get("params") or "{}")
-    except ValueError:
-        return {}
-    return params if isinstance(params, dict) else {}
 
 
 def setup_label(run: dict[str, Any]) -> str:
     """What besides the method and rate a retrieval run's numbers depend on: backend, KV cache types, flash attention
     and the extra arguments."""
-    p = _params(run)
+    p = run_params(run)
     k, v = p.get("cache_type_k", "?"), p.get("cache_type_v", "?")
     extra = " ".join(p.get("extra") or [])
     label = f"{run.get('backend')} KV {k if k == v else f'{k}/{v}'} fa {p.get('flash_attn', '?')}"

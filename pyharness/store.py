@@ -320,7 +320,7 @@ KV_MEMORY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("positions_mib", "REAL"),
     ("cells", "INTEGER"),
     ("n_stream", "INTEGER"),
-    ("kv_bytes", "INTEGER"),
+    ("pages", "INTEGER"),
     ("page_size", "INTEGER"),
     ("n_head_kv", "INTEGER"),
     ("pool_tokens", "INTEGER"),
