@@ -37,7 +37,7 @@ class Feature:
     ops: list[str] = field(default_factory=list)
     tests: list[str] = field(default_factory=list)
     matrices: list[str] = field(default_factory=list)
-    depends: list[str] = field(default_factory=list)  # features whose stacks must be merged first
+    depends: list[str] = field(default_factory=list)  # features whose stacks must be merged first (transitively)
 
 
 @dataclass
@@ -62,6 +62,23 @@ def load_feature(name: str, root: Path) -> Feature:
         known = ", ".join(sorted(features)) or "none yet"
         raise HarnessError(f"unknown feature '{name}' (patches/features.toml)", f"known features: {known}")
     data = features[name]
+
+    # the stacks to merge first: the features it depends on and, before them, theirs
+    depends: list[str] = []
+
+    def visit(dep: str, path: tuple[str, ...]) -> None:
+        if dep in path:
+            raise HarnessError(
+                f"features depend on each other in a cycle: {' -> '.join((*path, dep))}",
+                "fix `depends` in patches/features.toml",
+            )
+        for sub in features.get(dep, {}).get("depends", []):
+            visit(sub, (*path, dep))
+        if dep not in depends:
+            depends.append(dep)
+
+    for dep in data.get("depends", []):
+        visit(dep, (name,))
     return Feature(
         name=name,
         title=data.get("title", name),
@@ -70,7 +87,7 @@ def load_feature(name: str, root: Path) -> Feature:
         ops=list(data.get("ops", [])),
         tests=list(data.get("tests", [])),
         matrices=list(data.get("matrices", [])),
-        depends=list(data.get("depends", [])),
+        depends=depends,
     )
 
 

@@ -102,6 +102,19 @@ def test_a_stack_cannot_depend_on_a_feature_without_patches() -> None:
         build_stack(feature, ROOT)
 
 
+def test_a_stack_sits_on_its_dependencies_and_theirs(tmp_path: Path) -> None:
+    # kv-compress names paged-kv only; paged-kv's patches apply on top of the sampler's and the int8 attention's
+    kv = load_feature("kv-compress", ROOT)
+    assert kv.depends == ["sortfree-sampler", "int8-flash-attn", "paged-kv"]
+    root = tmp_path / "root"
+    (root / "patches").mkdir(parents=True)
+    (root / "patches" / "features.toml").write_text(
+        '[features.a]\ndepends = ["b"]\n[features.b]\ndepends = ["a"]\n', encoding="utf-8"
+    )
+    with pytest.raises(HarnessError, match="cycle: a -> b -> a"):
+        load_feature("a", root)
+
+
 def test_evidence_leaves_the_stores_unchanged(tmp_path: Path) -> None:
     from pyharness.pr import Feature, evidence
 
