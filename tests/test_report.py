@@ -32,21 +32,11 @@ def populate(store: Store, *, host: object = None) -> None:
     store.record(rec)
 
 
-def table_rows(markdown: str, heading: str) -> tuple[list[str], list[list[str]]]:
-    section = markdown[markdown.index(heading) :].splitlines()
-    start = next(i for i, ln in enumerate(section) if ln.startswith("|"))
-    end = next((i for i in range(start, len(section)) if not section[i].startswith("|")), len(section))
-    lines = section[start:end]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
-    return header, body
-
-
 def test_throughput_table_numbers_are_the_stored_samples(tmp_path: Path) -> None:
     with Store(tmp_path / "r.sqlite") as store:
         populate(store)
         report = build_report(store)
-        header, body = table_rows(report.markdown, "### Throughput")
+        header, body = evalkit.table_rows(report.markdown, "### Throughput")
         assert header[:4] == ["Model", "Test", "KV (K/V)", "FA"]
         assert header[-3:] == ["t/s upstream", "t/s patched", "Speedup patched"]
         assert len(body) == 16
@@ -76,7 +66,7 @@ def test_perplexity_table_numbers_are_the_stored_ones(tmp_path: Path) -> None:
     with Store(tmp_path / "r.sqlite") as store:
         populate(store)
         report = build_report(store)
-        header, body = table_rows(report.markdown, "### Perplexity")
+        header, body = evalkit.table_rows(report.markdown, "### Perplexity")
         assert header[6:13] == ["KV MiB", "KV / f16", "PPL", "PPL/PPL(base)", "Mean KLD", "99% KLD", "Same top %"]
         assert [r[1] for r in body] == ["upstream", "patched"]
         ppl = {r["run_id"]: r for r in store.conn.execute("SELECT * FROM perplexity")}

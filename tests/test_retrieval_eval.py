@@ -302,12 +302,7 @@ def test_parameters_are_checked() -> None:
 
 
 def md_table(markdown: str, heading: str) -> tuple[list[str], dict[tuple[str, str], list[str]]]:
-    section = markdown[markdown.index(heading) :].splitlines()
-    start = next(i for i, ln in enumerate(section) if ln.startswith("|"))
-    end = next((i for i in range(start, len(section)) if not section[i].startswith("|")), len(section))
-    lines = section[start:end]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    body = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    header, body = evalkit.table_rows(markdown, heading)
     return header, {(r[0], r[1]): r for r in body}
 
 
