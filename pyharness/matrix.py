@@ -818,6 +818,17 @@ def check_retrieval_eval(index: int, ev: dict[str, Any], chk: Checker) -> tuple[
     return values, ev.get("name") or name
 
 
+def check_own_args(cell: Cell, chk: Checker, own_args: Iterable[str], kind: str, hint: str) -> None:
+    """[flags] extra goes to the tool after the eval's own arguments: it must not set them again."""
+    own = [a for a in cell.flags["extra"] if a in own_args]
+    if own:
+        raise chk.fail(
+            chk.loc.key("flags", "extra"),
+            f"extra arguments {' '.join(own)} are the {kind} evaluation's own (cell {cell.label()})",
+            hint,
+        )
+
+
 def check_retrieval_cell(cell: Cell, chk: Checker) -> None:
     """llama-needle exists in the patched build only; [flags] extra goes to it after the eval's own arguments and
     must neither set them again nor put compression on a schedule of its own."""
@@ -829,13 +840,13 @@ def check_retrieval_cell(cell: Cell, chk: Checker) -> None:
             "series (kv-compress), upstream has none",
             'use variants = ["patched"] or exclude the upstream cells with [[exclude]]',
         )
-    own = [a for a in cell.flags["extra"] if a in RETRIEVAL_OWN_ARGS]
-    if own:
-        raise chk.fail(
-            loc.key("flags", "extra"),
-            f"extra arguments {' '.join(own)} are the retrieval evaluation's own (cell {cell.label()})",
-            "set lengths, depths, trials, keys, methods, rates, ctx and text in the [[eval]]",
-        )
+    check_own_args(
+        cell,
+        chk,
+        RETRIEVAL_OWN_ARGS,
+        "retrieval",
+        "set lengths, depths, trials, keys, methods, rates, ctx and text in the [[eval]]",
+    )
     schedule = [a for a in cell.flags["extra"] if a in SCHEDULE_ARGS]
     if schedule:
         raise chk.fail(
@@ -850,13 +861,7 @@ def check_batched_cell(cell: Cell, chk: Checker) -> None:
     """[flags] extra goes to llama-batched-bench after the eval's own arguments: it must not set them again, and
     upstream has no paged cache options."""
     loc = chk.loc
-    own = [a for a in cell.flags["extra"] if a in BATCHED_OWN_ARGS]
-    if own:
-        raise chk.fail(
-            loc.key("flags", "extra"),
-            f"extra arguments {' '.join(own)} are the batched evaluation's own (cell {cell.label()})",
-            "set npp, ntg, npl, pps and ctx in the [[eval]]",
-        )
+    check_own_args(cell, chk, BATCHED_OWN_ARGS, "batched", "set npp, ntg, npl, pps and ctx in the [[eval]]")
     paged = [a for a in cell.flags["extra"] if a in PAGED_ARGS]
     if paged and cell.variant != "patched":
         raise chk.fail(
