@@ -166,6 +166,16 @@ def test_kv_memory_in_use_is_the_paged_caches_last_line() -> None:
     assert ppl.parse_kv_used_mib("I llama_kv_cache: size =   46.41 MiB (   256 cells,  30 layers, 16/16 seqs)") is None
 
 
+def test_kv_memory_in_use_counts_the_observed_queries_of_kv_compress() -> None:
+    """KV-Compress's rings of observed queries are memory the compression costs: they count with the pages."""
+    log = (
+        "I memory_breakdown: paged KV cache: 720 of 2880 pages in use (11.42 of 45.70 MiB, 30 layers, pages of 64 "
+        "slots)\n"
+        "I memory_breakdown: paged KV cache: observed queries 8.44 MiB (512 per sequence)\n"
+    )
+    assert ppl.parse_kv_used_mib(log) == 11.42 + 8.44
+
+
 def test_parameters_are_checked() -> None:
     with pytest.raises(HarnessError, match="needs flash attention"):
         ppl.PplParams(cache_type_v="q8_0", flash_attn="off").validate()

@@ -259,13 +259,19 @@ def parse_kv_mib(output: str) -> float | None:
 # llama_kv_cache_paged::memory_breakdown (llama-perplexity prints the memory breakdown at exit):
 # memory_breakdown: paged KV cache: 96 of 384 pages in use (11.42 of 45.70 MiB, 30 layers, pages of 64 slots)
 KV_USED_RE = re.compile(r"paged KV cache: \d+ of \d+ pages in use \((" + NUM + r") of " + NUM + r" MiB")
+# memory_breakdown: paged KV cache: observed queries 8.44 MiB (512 per sequence) (KV-Compress's rings, held whole)
+KV_OBS_RE = re.compile(r"paged KV cache: observed queries (" + NUM + r") MiB")
 
 
 def parse_kv_used_mib(output: str) -> float | None:
     """The paged cache's MiB in use as it last logged them (at exit: the last chunk's pages, a compressed cache's
-    after its last compression and the tokens since), or None (the standard cache logs no such line)."""
+    after its last compression and the tokens since), plus KV-Compress's rings of observed queries where the cache
+    keeps them (memory the compression costs), or None (the standard cache logs no such line)."""
     found = KV_USED_RE.findall(output)
-    return _float(found[-1]) if found else None
+    if not found:
+        return None
+    obs = KV_OBS_RE.findall(output)
+    return _float(found[-1]) + (_float(obs[-1]) if obs else 0.0)
 
 
 def _why(output: str) -> str:
