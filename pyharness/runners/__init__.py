@@ -229,6 +229,25 @@ def synth_model(name: str) -> Path:
     return Path(synth.write_synthetic(shape, out, ftype=ftype))
 
 
+def cache_and_run_args(
+    *,
+    cache_type_k: str,
+    cache_type_v: str,
+    flash_attn: str,
+    threads: int | None,
+    batch: int | None,
+    ubatch: int | None,
+    n_gpu_layers: int | None,
+) -> list[str]:
+    """The KV cache types, flash attention and run settings (threads, batch sizes, GPU layers) as the common tools
+    take them; settings left None are not passed, so the tool's defaults apply."""
+    out = ["-ctk", cache_type_k, "-ctv", cache_type_v, "-fa", flash_attn]
+    for flag, value in (("-t", threads), ("-b", batch), ("-ub", ubatch), ("-ngl", n_gpu_layers)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 

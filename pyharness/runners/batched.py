@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pyharness.errors import HarnessError
-from pyharness.runners import Execution, RunContext, config_hash, execute, run_fields, tool_env
+from pyharness.runners import Execution, RunContext, cache_and_run_args, config_hash, execute, run_fields, tool_env
 from pyharness.runners.bench import ParseError, jsonl_objects
 from pyharness.store import RunRecord
 
@@ -126,11 +126,15 @@ class BatchedParams:
         out = ["-c", str(self.ctx), "-npp", join(self.npp), "-ntg", join(self.ntg), "-npl", join(self.npl)]
         if self.pps:
             out.append("-pps")
-        out += ["-ctk", self.cache_type_k, "-ctv", self.cache_type_v, "-fa", self.flash_attn]
-        optional = (("-t", self.threads), ("-b", self.batch), ("-ub", self.ubatch), ("-ngl", self.n_gpu_layers))
-        for flag, value in optional:
-            if value is not None:
-                out += [flag, str(value)]
+        out += cache_and_run_args(
+            cache_type_k=self.cache_type_k,
+            cache_type_v=self.cache_type_v,
+            flash_attn=self.flash_attn,
+            threads=self.threads,
+            batch=self.batch,
+            ubatch=self.ubatch,
+            n_gpu_layers=self.n_gpu_layers,
+        )
         # jsonl rows on stdout; -lv 4: llama.cpp's info lines (the KV cache's size) on stderr, about 11 KB
         return [*out, "--output-format", "jsonl", "-lv", "4", *self.extra]
 

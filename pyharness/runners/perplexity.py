@@ -29,6 +29,7 @@ from pyharness.runners import (
     Execution,
     ModelRef,
     RunContext,
+    cache_and_run_args,
     canonical,
     config_hash,
     execute,
@@ -123,21 +124,16 @@ class PplParams:
             str(self.ctx),
             "--chunks",
             str(self.chunks),
-            "-ctk",
-            self.cache_type_k,
-            "-ctv",
-            self.cache_type_v,
-            "-fa",
-            self.flash_attn,
+            *cache_and_run_args(
+                cache_type_k=self.cache_type_k,
+                cache_type_v=self.cache_type_v,
+                flash_attn=self.flash_attn,
+                threads=self.threads,
+                batch=self.batch,
+                ubatch=self.ubatch,
+                n_gpu_layers=self.n_gpu_layers,
+            ),
         ]
-        if self.batch:
-            out += ["-b", str(self.batch)]
-        if self.ubatch:
-            out += ["-ub", str(self.ubatch)]
-        if self.threads:
-            out += ["-t", str(self.threads)]
-        if self.n_gpu_layers is not None:
-            out += ["-ngl", str(self.n_gpu_layers)]
         # info-level logs: llama.cpp's own KV cache size line (kv_mib), about 13 KB of stderr
         out += ["-lv", "4"]
         return out + list(self.extra)

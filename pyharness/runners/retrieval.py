@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pyharness.errors import HarnessError
-from pyharness.runners import Execution, RunContext, config_hash, execute, run_fields, tool_env
+from pyharness.runners import Execution, RunContext, cache_and_run_args, config_hash, execute, run_fields, tool_env
 from pyharness.runners.bench import ParseError, jsonl_objects
 from pyharness.runners.perplexity import check_kv_fa, check_kv_type, normalize_fa
 from pyharness.store import RunRecord
@@ -184,17 +184,16 @@ class RetrievalParams:
             ",".join(number_arg(r) for r in self.rates),
             "--seed",
             str(self.seed),
-            "-ctk",
-            self.cache_type_k,
-            "-ctv",
-            self.cache_type_v,
-            "-fa",
-            self.flash_attn,
+            *cache_and_run_args(
+                cache_type_k=self.cache_type_k,
+                cache_type_v=self.cache_type_v,
+                flash_attn=self.flash_attn,
+                threads=self.threads,
+                batch=self.batch,
+                ubatch=self.ubatch,
+                n_gpu_layers=self.n_gpu_layers,
+            ),
         ]
-        optional = (("-t", self.threads), ("-b", self.batch), ("-ub", self.ubatch), ("-ngl", self.n_gpu_layers))
-        for flag, value in optional:
-            if value is not None:
-                out += [flag, str(value)]
         return out + list(self.extra)
 
 
