@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pyharness.build import BuildInfo, build_id
 from pyharness.errors import HarnessError
@@ -229,20 +229,31 @@ def synth_model(name: str) -> Path:
     return Path(synth.write_synthetic(shape, out, ftype=ftype))
 
 
-def cache_and_run_args(
-    *,
-    cache_type_k: str,
-    cache_type_v: str,
-    flash_attn: str,
-    threads: int | None,
-    batch: int | None,
-    ubatch: int | None,
-    n_gpu_layers: int | None,
-) -> list[str]:
+class CacheRunFlags(Protocol):
+    """The settings of a run that the common tools take alike (the params classes of the runners have them; read-only
+    members, so that frozen dataclasses match)."""
+
+    @property
+    def cache_type_k(self) -> str: ...
+    @property
+    def cache_type_v(self) -> str: ...
+    @property
+    def flash_attn(self) -> str: ...
+    @property
+    def threads(self) -> int | None: ...
+    @property
+    def batch(self) -> int | None: ...
+    @property
+    def ubatch(self) -> int | None: ...
+    @property
+    def n_gpu_layers(self) -> int | None: ...
+
+
+def cache_and_run_args(p: CacheRunFlags) -> list[str]:
     """The KV cache types, flash attention and run settings (threads, batch sizes, GPU layers) as the common tools
     take them; settings left None are not passed, so the tool's defaults apply."""
-    out = ["-ctk", cache_type_k, "-ctv", cache_type_v, "-fa", flash_attn]
-    for flag, value in (("-t", threads), ("-b", batch), ("-ub", ubatch), ("-ngl", n_gpu_layers)):
+    out = ["-ctk", p.cache_type_k, "-ctv", p.cache_type_v, "-fa", p.flash_attn]
+    for flag, value in (("-t", p.threads), ("-b", p.batch), ("-ub", p.ubatch), ("-ngl", p.n_gpu_layers)):
         if value is not None:
             out += [flag, str(value)]
     return out

@@ -126,15 +126,7 @@ class BatchedParams:
         out = ["-c", str(self.ctx), "-npp", join(self.npp), "-ntg", join(self.ntg), "-npl", join(self.npl)]
         if self.pps:
             out.append("-pps")
-        out += cache_and_run_args(
-            cache_type_k=self.cache_type_k,
-            cache_type_v=self.cache_type_v,
-            flash_attn=self.flash_attn,
-            threads=self.threads,
-            batch=self.batch,
-            ubatch=self.ubatch,
-            n_gpu_layers=self.n_gpu_layers,
-        )
+        out += cache_and_run_args(self)
         # jsonl rows on stdout; -lv 4: llama.cpp's info lines (the KV cache's size) on stderr, about 11 KB
         return [*out, "--output-format", "jsonl", "-lv", "4", *self.extra]
 

@@ -49,9 +49,9 @@ class BenchParams:
             raise HarnessError(f"repetitions must be at least 1, got {self.repetitions}")
         if not self.n_prompt and not self.n_gen:
             raise HarnessError("a bench needs prompt sizes (-p) or generation lengths (-n)")
-        for v in (*self.n_prompt, *self.n_gen, *self.depth):
-            if int(v) < 0:
-                raise HarnessError(f"negative size {v} in a bench")
+        for size in (*self.n_prompt, *self.n_gen, *self.depth):
+            if int(size) < 0:
+                raise HarnessError(f"negative size {size} in a bench")
         for t in self.cache_type_k:
             check_kv_type(t, "K cache type")
         for t in self.cache_type_v:

@@ -124,15 +124,7 @@ class PplParams:
             str(self.ctx),
             "--chunks",
             str(self.chunks),
-            *cache_and_run_args(
-                cache_type_k=self.cache_type_k,
-                cache_type_v=self.cache_type_v,
-                flash_attn=self.flash_attn,
-                threads=self.threads,
-                batch=self.batch,
-                ubatch=self.ubatch,
-                n_gpu_layers=self.n_gpu_layers,
-            ),
+            *cache_and_run_args(self),
         ]
         # info-level logs: llama.cpp's own KV cache size line (kv_mib), about 13 KB of stderr
         out += ["-lv", "4"]

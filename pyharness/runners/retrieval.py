@@ -184,15 +184,7 @@ class RetrievalParams:
             ",".join(number_arg(r) for r in self.rates),
             "--seed",
             str(self.seed),
-            *cache_and_run_args(
-                cache_type_k=self.cache_type_k,
-                cache_type_v=self.cache_type_v,
-                flash_attn=self.flash_attn,
-                threads=self.threads,
-                batch=self.batch,
-                ubatch=self.ubatch,
-                n_gpu_layers=self.n_gpu_layers,
-            ),
+            *cache_and_run_args(self),
         ]
         return out + list(self.extra)
 
