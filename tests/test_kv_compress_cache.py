@@ -69,5 +69,10 @@ def test_a_schedule_without_a_period_compresses_once_the_sequence_decodes(result
 
 
 def test_bad_requests_and_contexts_answer_minus_one(result: dict[str, Any]) -> None:
-    assert result["kvc"]["bad"] == {"budget_below_window": -1, "rate_below_1": -1, "no_recent": -1}
+    assert result["kvc"]["bad"] == {
+        "budget_below_window": -1,
+        "rate_below_1": -1,
+        "no_recent": -1,
+        "layer_cap_below_1": -1,
+    }
     assert result["no_obs"] == -1 and result["on_standard"] == -1

@@ -82,3 +82,7 @@ def test_bad_values_fail_with_a_message() -> None:
     assert proc.returncode != 0 and "below the protected positions" in proc.stdout + proc.stderr
     proc = perplexity("--kv-compress", "fancy")
     assert proc.returncode != 0 and "invalid value for --kv-compress" in proc.stdout + proc.stderr
+    for bad in ("0.5", "nan", "-1"):
+        proc = perplexity("--kv-compress", "kvc", "--kv-compress-layer-cap", bad)
+        assert proc.returncode != 0, bad
+        assert "--kv-compress-layer-cap must be 0 (no cap) or at least 1" in proc.stdout + proc.stderr, bad
