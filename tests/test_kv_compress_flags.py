@@ -18,15 +18,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import evalkit
 
-from pyharness import paths
 from pyharness.models import get_model
 
 BASE = ["-c", "512", "-b", "128", "--chunks", "1", "-t", "2", "-fa", "on", "--kv-cache", "paged"]
 
 
 def perplexity(*extra: str) -> subprocess.CompletedProcess[str]:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "llama-perplexity"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
+    binary = evalkit.patched_cpu_binary("llama-perplexity")
     cmd = [str(binary), "-m", str(get_model("smollm2-135m")), "-f", str(evalkit.real_text()), *BASE, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+from pathlib import Path
 
-from pyharness import paths
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+import evalkit
+
 from pyharness.models import get_model
 
 POOL_RUN = [
@@ -24,8 +28,7 @@ POOL_RUN = [
 
 
 def batched_bench(*extra: str) -> subprocess.CompletedProcess[str]:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "llama-batched-bench"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
+    binary = evalkit.patched_cpu_binary("llama-batched-bench")
     cmd = [str(binary), "-m", str(get_model("smollm2-135m")), *POOL_RUN, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 

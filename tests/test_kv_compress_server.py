@@ -23,7 +23,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import evalkit
 
-from pyharness import paths
 from pyharness.models import get_model
 from pyharness.paged_server import free_port, running_server
 
@@ -48,8 +47,7 @@ def prompt() -> str:
 
 
 def server(tmp: Path, extra: list[str]) -> Any:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "llama-server"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
+    binary = evalkit.patched_cpu_binary("llama-server")
     cmd = [str(binary), "-m", str(get_model("smollm2-135m")), "--port", str(free_port()), *BASE, *extra]
     return running_server(cmd, {}, tmp / ("server" + "-".join(extra[:2]) + ".log"), 300)
 

@@ -21,7 +21,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import evalkit
 
-from pyharness import paths
 from pyharness.models import get_model
 
 pytestmark = pytest.mark.slow
@@ -31,8 +30,7 @@ BASE = ["--needle-lengths", "1024", "--needle-depths", "0.3,0.7", "--needle-tria
 
 
 def needle(*extra: str) -> subprocess.CompletedProcess[str]:
-    binary = paths.build_root() / "patched-cpu" / "bin" / "llama-needle"
-    assert binary.is_file(), f"{binary} missing: run `pyharness build --variant patched --backend cpu` first"
+    binary = evalkit.patched_cpu_binary("llama-needle")
     cmd = [str(binary), "-m", str(get_model("smollm2-135m")), "-f", str(evalkit.real_text()), *BASE, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
 
