@@ -12,7 +12,6 @@ would fail.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,20 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import evalkit
 
 from pyharness.models import get_model
-from pyharness.text import resolve_text
+from pyharness.runners.perplexity import parse_final_estimate
 
 RUN = ["-c", "2048", "--chunks", "1", "-b", "2048", "-ub", "512", "-t", "2", "-fa", "on"]
 
 
-def perplexity(*extra: str) -> str:
+def perplexity(*extra: str) -> float:
+    """The printed perplexity (equal printed digits parse to equal floats)."""
     binary = evalkit.patched_cpu_binary("llama-perplexity")
-    cmd = [str(binary), "-m", str(get_model("gemma3-270m")), "-f", str(resolve_text()), *RUN, *extra]
+    cmd = [str(binary), "-m", str(get_model("gemma3-270m")), "-f", str(evalkit.real_text()), *RUN, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
-    assert m, out[-3000:]
-    return m.group(1)
+    return parse_final_estimate(out)["ppl"]
 
 
 def test_paged_cache_perplexity_equals_the_full_window_caches_to_every_digit() -> None:
