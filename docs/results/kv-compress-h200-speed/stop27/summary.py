@@ -18,7 +18,8 @@ def ratios(path: str) -> None:
     for r in rows:
         ts = float(r["median_ts"])
         kv = f"{r['type_k']}/{r['type_v']} fa={r['fa']}"
-        print(f"  {r['test']:14s} {kv:20s} {r['extra'] or '(standard cache)':90s} {ts:8.2f}  {ts / base[r['test']]:.3f}x")
+        extra = r["extra"] or "(standard cache)"
+        print(f"  {r['test']:14s} {kv:20s} {extra:90s} {ts:8.2f}  {ts / base[r['test']]:.3f}x")
 
 
 PHASE = re.compile(r"(\d+) slots scored; metric ([\d.]+) ms, selection ([\d.]+) ms, eviction ([\d.]+) ms")
@@ -35,9 +36,11 @@ def phases(path: Path) -> None:
     metric = [r[1] for r in rows]
     rest = [r[2] + r[3] for r in rows]
     print(f"{path}: {len(rows)} compressions, slots scored {int(rows[0][0])} to {int(rows[-1][0])}")
-    print(f"  metric median {statistics.median(metric):.1f} ms; selection + eviction median "
-          f"{statistics.median(rest):.1f} ms; compaction median {statistics.median(compaction):.1f} ms; "
-          f"metric share of the logged time {sum(metric) / (sum(metric) + sum(rest) + sum(compaction)):.3f}")
+    print(
+        f"  metric median {statistics.median(metric):.1f} ms; selection + eviction median "
+        f"{statistics.median(rest):.1f} ms; compaction median {statistics.median(compaction):.1f} ms; "
+        f"metric share of the logged time {sum(metric) / (sum(metric) + sum(rest) + sum(compaction)):.3f}"
+    )
 
 
 ratios("pp/bench.csv")
