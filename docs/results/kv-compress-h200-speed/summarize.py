@@ -1,0 +1,77 @@
+"""Ratios and compression phases of this folder's runs, computed from their files (no figure typed by hand).
+
+    python3 summarize.py [--phases DIR] BENCH.csv [BENCH.csv ...]
+
+Each row's median t/s is divided by that of the standard f16 cache (no extra flags, f16 K/V) of the same test,
+looked up across every CSV given: pass only CSVs from one store and one build (one run), as each stop's NOTES.md
+says. With --phases, each compression's phases (metric, selection, eviction, compaction) are summed up from the
+`d*-phases.txt` files there (the cache's -v debug lines, written by `scripts/gpu-check kv-compress-phases`)."""
+
+import argparse
+import csv
+import re
+import statistics
+import sys
+from pathlib import Path
+
+PHASE = re.compile(r"(\d+) slots scored; metric ([\d.]+) ms, selection ([\d.]+) ms, eviction ([\d.]+) ms")
+COMPACT = re.compile(r"compaction ([\d.]+) ms")
+
+
+def read_rows(paths: list[str]) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows += [dict(r, file=path) for r in csv.DictReader(f)]
+    return rows
+
+
+def print_ratios(rows: list[dict[str, str]]) -> None:
+    base = {r["test"]: float(r["median_ts"]) for r in rows if not r["extra"] and r["type_k"] == "f16"}
+    print("median t/s and its ratio to the standard f16 cache of the same test (same store and build)")
+    for r in rows:
+        ts = float(r["median_ts"])
+        kv = f"{r['type_k']}/{r['type_v']} fa={r['fa']}"
+        extra = r["extra"] or "(standard cache)"
+        ratio = f"{ts / base[r['test']]:.3f}x" if r["test"] in base else "(no f16 base)"
+        print(f"  {r['test']:14s} {kv:20s} {extra:90s} {ts:8.2f}  {ratio}")
+
+
+def print_phases(path: Path) -> None:
+    text = path.read_text()
+    rows = [tuple(float(x) for x in m.groups()) for m in PHASE.finditer(text)]
+    compaction = [float(m.group(1)) for m in COMPACT.finditer(text)]
+    if not rows:
+        print(f"{path}: no compression logged")
+        return
+    metric = [r[1] for r in rows]
+    selection = [r[2] for r in rows]
+    eviction = [r[3] for r in rows]
+    total = sum(metric) + sum(selection) + sum(eviction) + sum(compaction)
+    print(f"{path}: {len(rows)} compressions, slots scored {int(rows[0][0])} to {int(rows[-1][0])}")
+    print(
+        f"  median ms: metric {statistics.median(metric):.1f}, selection {statistics.median(selection):.1f}, "
+        f"eviction {statistics.median(eviction):.1f}, compaction {statistics.median(compaction):.1f}; "
+        f"shares of the logged time: metric {sum(metric) / total:.3f}, selection {sum(selection) / total:.3f}, "
+        f"eviction {sum(eviction) / total:.3f}, compaction {sum(compaction) / total:.3f}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bench", nargs="+", help="bench.csv files of one run (pyharness report)")
+    parser.add_argument("--phases", type=Path, help="folder of d*-phases.txt files")
+    args = parser.parse_args()
+    for path in args.bench:
+        if not Path(path).is_file():
+            print(f"summarize.py: {path}: no such file", file=sys.stderr)
+            return 2
+    print_ratios(read_rows(args.bench))
+    if args.phases:
+        for p in sorted(args.phases.glob("d*-phases.txt")):
+            print_phases(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
