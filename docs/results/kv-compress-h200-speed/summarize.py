@@ -1,10 +1,10 @@
 """Ratios and compression phases of this folder's runs, computed from their files (no figure typed by hand).
 
-    python3 summarize.py [--phases DIR] BENCH.csv [BENCH.csv ...]
+    python3 summarize.py [--phases DIR] [--ceiling R] BENCH.csv [BENCH.csv ...]
 
-Each row's median t/s is divided by that of the standard f16 cache (no extra flags, f16 K/V) of the same test,
-looked up across every CSV given: pass only CSVs from one store and one build (one run), as each stop's NOTES.md
-says. With --phases, each compression's phases (metric, selection, eviction, compaction) are summed up from the
+Each row's median t/s is divided by that of the standard f16 cache (no extra flags, f16 K/V) of the same test, in
+its own CSV or else in the first other CSV that has one: pass only CSVs of one machine and build, as each stop's
+NOTES.md says. With --phases, each compression's phases (metric, selection, eviction, compaction) are summed up from the
 `d*-phases.txt` files there (the cache's -v debug lines, written by `scripts/gpu-check kv-compress-phases`)."""
 
 import argparse
@@ -27,14 +27,31 @@ def read_rows(paths: list[str]) -> list[dict[str, str]]:
 
 
 def print_ratios(rows: list[dict[str, str]]) -> None:
-    base = {r["test"]: float(r["median_ts"]) for r in rows if not r["extra"] and r["type_k"] == "f16"}
+    # a row's base: the standard f16 cell of its own CSV, else the first of the other CSVs
+    own = {(r["file"], r["test"]): float(r["median_ts"]) for r in rows if not r["extra"] and r["type_k"] == "f16"}
+    other: dict[str, float] = {}
+    for (_, test), ts in own.items():
+        other.setdefault(test, ts)
     print("median t/s and its ratio to the standard f16 cache of the same test (same store and build)")
     for r in rows:
         ts = float(r["median_ts"])
         kv = f"{r['type_k']}/{r['type_v']} fa={r['fa']}"
         extra = r["extra"] or "(standard cache)"
-        ratio = f"{ts / base[r['test']]:.3f}x" if r["test"] in base else "(no f16 base)"
+        base = own.get((r["file"], r["test"]), other.get(r["test"]))
+        ratio = f"{ts / base:.3f}x" if base else "(no f16 base)"
         print(f"  {r['test']:14s} {kv:20s} {extra:90s} {ts:8.2f}  {ratio}")
+
+
+def print_ceilings(rows: list[dict[str, str]], rate: int) -> None:
+    # a cache compressed `rate` times from depth d keeps d / rate slots per head: it decodes at best as fast as a full
+    # cache at that depth (same CSV, same cache kind)
+    cells = {(r["file"], r["extra"], int(r["n_depth"])): float(r["median_ts"]) for r in rows if r["n_gen"] != "0"}
+    print(f"the ceiling of {rate}x compression: t/s at depth d / {rate} over t/s at depth d, same CSV and cache")
+    for (file, extra, depth), ts in sorted(cells.items()):
+        kept = cells.get((file, extra, depth // rate))
+        if kept and depth % rate == 0:
+            cache = extra or "(standard cache)"
+            print(f"  {file:28s} {cache:20s} depth {depth:6d}: {kept:8.2f} / {ts:8.2f} = {kept / ts:.3f}x")
 
 
 def print_phases(path: Path) -> None:
@@ -61,12 +78,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", nargs="+", help="bench.csv files of one run (pyharness report)")
     parser.add_argument("--phases", type=Path, help="folder of d*-phases.txt files")
+    parser.add_argument("--ceiling", type=int, metavar="R", help="also print the ceilings of R-fold compression")
     args = parser.parse_args()
     for path in args.bench:
         if not Path(path).is_file():
             print(f"summarize.py: {path}: no such file", file=sys.stderr)
             return 2
-    print_ratios(read_rows(args.bench))
+    rows = read_rows(args.bench)
+    print_ratios(rows)
+    if args.ceiling:
+        print_ceilings(rows, args.ceiling)
     if args.phases:
         for p in sorted(args.phases.glob("d*-phases.txt")):
             print_phases(p)
