@@ -16,6 +16,7 @@ from pathlib import Path
 
 PHASE = re.compile(r"(\d+) slots scored; metric ([\d.]+) ms, selection ([\d.]+) ms, eviction ([\d.]+) ms")
 COMPACT = re.compile(r"compaction ([\d.]+) ms")
+GATHER = re.compile(r"read-back and gather of the scores: ([\d.]+) ms")  # part of the selection (logged from stop 28)
 
 
 def read_rows(paths: list[str]) -> list[dict[str, str]]:
@@ -72,6 +73,9 @@ def print_phases(path: Path) -> None:
         f"shares of the logged time: metric {sum(metric) / total:.3f}, selection {sum(selection) / total:.3f}, "
         f"eviction {sum(eviction) / total:.3f}, compaction {sum(compaction) / total:.3f}"
     )
+    gather = [float(m.group(1)) for m in GATHER.finditer(text)]
+    if gather:
+        print(f"  of the selection, the scores' read-back and gather: median {statistics.median(gather):.1f} ms")
 
 
 def main() -> int:
