@@ -1,11 +1,15 @@
 """Ratios and compression phases of this folder's runs, computed from their files (no figure typed by hand).
 
-    python3 summarize.py [--phases DIR] [--ceiling R] BENCH.csv [BENCH.csv ...]
+    python3 summarize.py [--phases DIR] [--ceiling R] [--batched CSV ...] [--perf DIR] [BENCH.csv ...]
 
 Each row's median t/s is divided by that of the standard f16 cache (no extra flags, f16 K/V) of the same test, in
 its own CSV or else in the first other CSV that has one: pass only CSVs of one machine and build, as each stop's
 NOTES.md says. With --phases, each compression's phases (metric, selection, eviction, compaction) are summed up from the
-`d*-phases.txt` files there (the cache's -v debug lines, written by `scripts/gpu-check kv-compress-phases`)."""
+`d*-phases.txt` files there (the cache's -v debug lines, written by `scripts/gpu-check kv-compress-phases`).
+With --batched, llama-batched-bench's aggregate decoding speed (S_TG) of each row of each batched.csv over the full
+pool's (the row without --kv-compress, in its own CSV or else the first CSV that has one), and of each configuration
+over the same configuration in the first CSV. With --perf, the us/run of the op's perf cases in the perf-*.log files
+there (`scripts/gpu-check vec-threshold`), each limit's over the series' (perf-series.log), flash_attn_ext's beside."""
 
 import argparse
 import csv
@@ -78,23 +82,76 @@ def print_phases(path: Path) -> None:
         print(f"  of the selection, the scores' read-back and gather: median {statistics.median(gather):.1f} ms")
 
 
+def print_batched(paths: list[str]) -> None:
+    rows = [r for r in read_rows(paths) if r["status"] == "ok" and r["speed_tg"]]
+    full: dict[str, float] = {}
+    for r in rows:
+        if "--kv-compress" not in r["extra"]:
+            full.setdefault(r["file"], float(r["speed_tg"]))
+    first_full = next(iter(full.values()), None)
+    first_of: dict[str, float] = {}
+    print("llama-batched-bench S_TG (t/s), over the full pool's, and over the same configuration in the first CSV")
+    for r in rows:
+        tg = float(r["speed_tg"])
+        base = full.get(r["file"], first_full)
+        first_of.setdefault(r["extra"], tg)
+        vs_full = f"{tg / base:.3f}x" if base else "-"
+        print(f"  {r['file']:60s} {r['extra']:120s} {r['config']:14s} {tg:8.2f}  {vs_full}  {tg / first_of[r['extra']]:.3f}x")
+
+
+PERF = re.compile(r"(FLASH_ATTN_\w+)\((.*?)\):\s+\d+ runs -\s+([\d.]+) us/run")
+
+
+def print_perf(folder: Path) -> None:
+    def cases(path: Path) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in PERF.finditer(path.read_text()):
+            fields = dict(kv.split("=", 1) for kv in re.split(r",(?![^\[]*\])", m.group(2)))
+            key = f"kv={fields['kv']} n_seq={fields.get('n_seq', fields.get('nr23', '?'))}"
+            out[key] = float(m.group(3))
+        return out
+
+    series = cases(folder / "perf-series.log")
+    ext = cases(folder / "perf-ext.log") if (folder / "perf-ext.log").is_file() else {}
+    ext_by = {k.replace("n_seq=[4,", "n_seq=").rstrip("]"): v for k, v in ext.items()}
+    others = sorted(p for p in folder.glob("perf-*.log") if p.stem not in ("perf-series", "perf-ext"))
+    print(f"{folder}: us/run of the paged op's decode cases under the series' limit and under forced limits (ratio: over "
+          "the series'), flash_attn_ext at the same shape")
+    for key, us in series.items():
+        line = f"  {key:22s} series {us:8.2f}"
+        for p in others:
+            v = cases(p).get(key)
+            if v is not None:
+                line += f"  {p.stem.removeprefix('perf-')}: {v:8.2f} ({v / us:.3f}x)"
+        if key in ext_by:
+            line += f"  flash_attn_ext {ext_by[key]:8.2f}"
+        print(line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bench", nargs="+", help="bench.csv files of one run (pyharness report)")
+    parser.add_argument("bench", nargs="*", help="bench.csv files of one run (pyharness report)")
     parser.add_argument("--phases", type=Path, help="folder of d*-phases.txt files")
     parser.add_argument("--ceiling", type=int, metavar="R", help="also print the ceilings of R-fold compression")
+    parser.add_argument("--batched", nargs="+", default=[], metavar="CSV", help="batched.csv files (pyharness report)")
+    parser.add_argument("--perf", type=Path, help="folder of perf-*.log files (scripts/gpu-check vec-threshold)")
     args = parser.parse_args()
-    for path in args.bench:
+    for path in args.bench + args.batched:
         if not Path(path).is_file():
             print(f"summarize.py: {path}: no such file", file=sys.stderr)
             return 2
     rows = read_rows(args.bench)
-    print_ratios(rows)
+    if rows:
+        print_ratios(rows)
     if args.ceiling:
         print_ceilings(rows, args.ceiling)
     if args.phases:
         for p in sorted(args.phases.glob("d*-phases.txt")):
             print_phases(p)
+    if args.batched:
+        print_batched(args.batched)
+    if args.perf:
+        print_perf(args.perf)
     return 0
 
 
