@@ -96,7 +96,8 @@ def print_batched(paths: list[str]) -> None:
         base = full.get(r["file"], first_full)
         first_of.setdefault(r["extra"], tg)
         vs_full = f"{tg / base:.3f}x" if base else "-"
-        print(f"  {r['file']:60s} {r['extra']:120s} {r['config']:14s} {tg:8.2f}  {vs_full}  {tg / first_of[r['extra']]:.3f}x")
+        vs_first = tg / first_of[r["extra"]]
+        print(f"  {r['file']:60s} {r['extra']:120s} {r['config']:14s} {tg:8.2f}  {vs_full}  {vs_first:.3f}x")
 
 
 PERF = re.compile(r"(FLASH_ATTN_\w+)\((.*?)\):\s+\d+ runs -\s+([\d.]+) us/run")
@@ -115,8 +116,10 @@ def print_perf(folder: Path) -> None:
     ext = cases(folder / "perf-ext.log") if (folder / "perf-ext.log").is_file() else {}
     ext_by = {k.replace("n_seq=[4,", "n_seq=").rstrip("]"): v for k, v in ext.items()}
     others = sorted(p for p in folder.glob("perf-*.log") if p.stem not in ("perf-series", "perf-ext"))
-    print(f"{folder}: us/run of the paged op's decode cases under the series' limit and under forced limits (ratio: over "
-          "the series'), flash_attn_ext at the same shape")
+    print(
+        f"{folder}: us/run of the paged op's decode cases under the series' limit and under forced limits "
+        "(ratio: over the series'), flash_attn_ext at the same shape"
+    )
     for key, us in series.items():
         line = f"  {key:22s} series {us:8.2f}"
         for p in others:
