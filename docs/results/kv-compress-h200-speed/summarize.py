@@ -105,29 +105,33 @@ PERF = re.compile(r"(FLASH_ATTN_\w+)\((.*?)\):\s+\d+ runs -\s+([\d.]+) us/run")
 
 def print_perf(folder: Path) -> None:
     def cases(path: Path) -> dict[str, float]:
+        # keyed by kv and sequence count: the paged op's n_seq, flash_attn_ext's streams (nr23=[gqa,n_seq])
         out: dict[str, float] = {}
         for m in PERF.finditer(path.read_text()):
             fields = dict(kv.split("=", 1) for kv in re.split(r",(?![^\[]*\])", m.group(2)))
-            key = f"kv={fields['kv']} n_seq={fields.get('n_seq', fields.get('nr23', '?'))}"
-            out[key] = float(m.group(3))
+            n_seq = fields["n_seq"] if "n_seq" in fields else fields["nr23"].strip("[]").split(",")[1]
+            out[f"kv={fields['kv']} n_seq={n_seq}"] = float(m.group(3))
         return out
 
     series = cases(folder / "perf-series.log")
     ext = cases(folder / "perf-ext.log") if (folder / "perf-ext.log").is_file() else {}
-    ext_by = {k.replace("n_seq=[4,", "n_seq=").rstrip("]"): v for k, v in ext.items()}
-    others = sorted(p for p in folder.glob("perf-*.log") if p.stem not in ("perf-series", "perf-ext"))
+    others = {
+        p.stem.removeprefix("perf-"): cases(p)
+        for p in sorted(folder.glob("perf-*.log"))
+        if p.stem not in ("perf-series", "perf-ext")
+    }
     print(
         f"{folder}: us/run of the paged op's decode cases under the series' limit and under forced limits "
         "(ratio: over the series'), flash_attn_ext at the same shape"
     )
     for key, us in series.items():
         line = f"  {key:22s} series {us:8.2f}"
-        for p in others:
-            v = cases(p).get(key)
+        for limit, other in others.items():
+            v = other.get(key)
             if v is not None:
-                line += f"  {p.stem.removeprefix('perf-')}: {v:8.2f} ({v / us:.3f}x)"
-        if key in ext_by:
-            line += f"  flash_attn_ext {ext_by[key]:8.2f}"
+                line += f"  {limit}: {v:8.2f} ({v / us:.3f}x)"
+        if key in ext:
+            line += f"  flash_attn_ext {ext[key]:8.2f}"
         print(line)
 
 
