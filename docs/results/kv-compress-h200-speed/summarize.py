@@ -1,6 +1,7 @@
 """Ratios and compression phases of this folder's runs, computed from their files (no figure typed by hand).
 
-    python3 summarize.py [--phases DIR] [--ceiling R] [--batched CSV ...] [--perf DIR] [BENCH.csv ...]
+    python3 summarize.py [--phases DIR] [--ceiling R] [--batched CSV ...] [--over NAME EXTRA CONFIG ...] [--perf DIR]
+                         [BENCH.csv ...]
 
 Each row's median t/s is divided by that of the standard f16 cache (no extra flags, f16 K/V) of the same test, in
 its own CSV or else in the first other CSV that has one: pass only CSVs of one machine and build, as each stop's
@@ -8,8 +9,10 @@ NOTES.md says. With --phases, each compression's phases (metric, selection, evic
 `d*-phases.txt` files there (the cache's -v debug lines, written by `scripts/gpu-check kv-compress-phases`).
 With --batched, llama-batched-bench's aggregate decoding speed (S_TG) of each row of each batched.csv over the full
 pool's (the row without --kv-compress, in its own CSV or else the first CSV that has one), and of each configuration
-over the same configuration in the first CSV. With --perf, the us/run of the op's perf cases in the perf-*.log files
-there (`scripts/gpu-check vec-threshold`), each limit's over the series' (perf-series.log), flash_attn_ext's beside."""
+over the same configuration in the first CSV; each --over NAME EXTRA CONFIG adds its S_TG over that of the row with
+those extra flags and that configuration (e.g. the paged cache's 15 sequences of the kept size: the ceiling). With
+--perf, the us/run of the op's perf cases in the perf-*.log files there (`scripts/gpu-check vec-threshold`), each
+limit's over the series' (perf-series.log), flash_attn_ext's beside."""
 
 import argparse
 import csv
@@ -82,22 +85,32 @@ def print_phases(path: Path) -> None:
         print(f"  of the selection, the scores' read-back and gather: median {statistics.median(gather):.1f} ms")
 
 
-def print_batched(paths: list[str]) -> None:
+def print_batched(paths: list[str], over: list[list[str]]) -> None:
     rows = [r for r in read_rows(paths) if r["status"] == "ok" and r["speed_tg"]]
+    refs: list[tuple[str, float]] = []
+    for name, extra, config in over:
+        match = [float(r["speed_tg"]) for r in rows if r["extra"] == extra and r["config"] == config]
+        if not match:
+            sys.exit(f"--over {name}: no row with extra {extra!r} and configuration {config!r}")
+        refs.append((name, match[0]))
     full: dict[str, float] = {}
     for r in rows:
         if "--kv-compress" not in r["extra"]:
             full.setdefault(r["file"], float(r["speed_tg"]))
     first_full = next(iter(full.values()), None)
     first_of: dict[str, float] = {}
-    print("llama-batched-bench S_TG (t/s), over the full pool's, and over the same configuration in the first CSV")
+    names = "".join(f", over {name}" for name, _ in refs)
+    print(
+        f"llama-batched-bench S_TG (t/s), over the full pool's, and over the same configuration in the first CSV{names}"
+    )
     for r in rows:
         tg = float(r["speed_tg"])
         base = full.get(r["file"], first_full)
         first_of.setdefault(r["extra"], tg)
         vs_full = f"{tg / base:.3f}x" if base else "-"
         vs_first = tg / first_of[r["extra"]]
-        print(f"  {r['file']:60s} {r['extra']:120s} {r['config']:14s} {tg:8.2f}  {vs_full}  {vs_first:.3f}x")
+        vs_refs = "".join(f"  {tg / ref:.3f}x" for _, ref in refs)
+        print(f"  {r['file']:60s} {r['extra']:120s} {r['config']:14s} {tg:8.2f}  {vs_full}  {vs_first:.3f}x{vs_refs}")
 
 
 PERF = re.compile(r"(FLASH_ATTN_\w+)\((.*?)\):\s+\d+ runs -\s+([\d.]+) us/run")
@@ -141,6 +154,14 @@ def main() -> int:
     parser.add_argument("--phases", type=Path, help="folder of d*-phases.txt files")
     parser.add_argument("--ceiling", type=int, metavar="R", help="also print the ceilings of R-fold compression")
     parser.add_argument("--batched", nargs="+", default=[], metavar="CSV", help="batched.csv files (pyharness report)")
+    parser.add_argument(
+        "--over",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "EXTRA", "CONFIG"),
+        help="with --batched: also S_TG over the row with these extra flags and configuration",
+    )
     parser.add_argument("--perf", type=Path, help="folder of perf-*.log files (scripts/gpu-check vec-threshold)")
     args = parser.parse_args()
     for path in args.bench + args.batched:
@@ -156,7 +177,7 @@ def main() -> int:
         for p in sorted(args.phases.glob("d*-phases.txt")):
             print_phases(p)
     if args.batched:
-        print_batched(args.batched)
+        print_batched(args.batched, args.over)
     if args.perf:
         print_perf(args.perf)
     return 0
