@@ -182,10 +182,12 @@ def matrix_run_fields(
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     from pyharness.executors import make_executor
-    from pyharness.matrix import default_builder, load_matrix
+    from pyharness.matrix import default_builder, load_matrix, select_cells
     from pyharness.runners import now_utc
 
     spec = load_matrix(args.file)
+    if args.only:
+        spec = select_cells(spec, args.only)
     executor = make_executor(
         args.executor, address=args.address, retries=args.retries, no_build=args.no_build or args.dry_run
     )
@@ -345,6 +347,7 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
         "cells run as Ray tasks on a local Ray instance or, with --address, on a cluster (README: Matrices on a "
         "cluster).",
         epilog="examples:\n  pyharness matrix matrices/default.toml\n"
+        "  pyharness matrix matrices/kv-compress-h100-batched.toml --only 'kv-compress'   # some cells only\n"
         "  pyharness matrix matrices/default.toml --executor ray                 # local Ray instance\n"
         "  pyharness matrix matrices/int8-fa-h100.toml --executor ray --address auto   # on a node of a cluster",
     )
@@ -354,6 +357,12 @@ def register_eval_commands(sub: argparse._SubParsersAction) -> None:  # type: ig
     p.add_argument("--no-build", action="store_true", help="use the existing builds instead of `pyharness build`")
     p.add_argument("--dry-run", action="store_true", help="list the cells and whether each is stored; run nothing")
     p.add_argument("--skip-failed", action="store_true", help="do not retry cells whose last run failed")
+    p.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="only the cells whose label (as --dry-run lists it) matches REGEX (a Python regular expression, "
+        "searched); the others are neither run nor built for",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="print the commands run")
     p.add_argument(

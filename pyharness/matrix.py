@@ -96,6 +96,7 @@ flags such as a quantized V cache with flash_attn = "off") fails before anything
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -310,9 +311,11 @@ class MatrixSpec:
     loc: Locator
     model_lines: dict[str, int] = field(default_factory=dict)
     gpu_kind: str = ""  # the GPU kind cuda cells are pinned to ("" = any); a Ray resource of that name
+    only: str = ""  # a regular expression: only the cells whose label it matches (select_cells); "" = every cell
 
     def cells(self) -> list[Cell]:
-        """Every combination, variants x backends x models x flag axes x evals, minus the excluded ones."""
+        """Every combination, variants x backends x models x flag axes x evals, minus the excluded ones (and, with
+        `only`, those whose label it does not match)."""
         axes = list(self.flag_axes)
         out: list[Cell] = []
         for ev in self.evals:
@@ -324,7 +327,30 @@ class MatrixSpec:
                     cell = Cell(variant, backend, model, flags, ev)
                     if not any(excluded(cell, ex) for ex in self.excludes):
                         out.append(cell)
+        if self.only:
+            pattern = re.compile(self.only)
+            out = [c for c in out if pattern.search(c.label())]
         return out
+
+
+def select_cells(spec: MatrixSpec, pattern: str) -> MatrixSpec:
+    """The matrix restricted to the cells whose label (as `--dry-run` lists it) `pattern` matches (re.search).
+
+    The cells keep their configuration hashes, so what one selection stores, the whole matrix finds stored.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise MatrixError(
+            f"--only {pattern!r} is not a regular expression: {exc}", "escape regex characters, e.g. '\\+' for '+'"
+        ) from exc
+    labels = [c.label() for c in spec.cells()]
+    if not any(compiled.search(label) for label in labels):
+        raise MatrixError(
+            f"--only {pattern!r} matches none of the {len(labels)} cells of {spec.path}",
+            f"`pyharness matrix {spec.path} --dry-run` lists their labels",
+        )
+    return dataclasses.replace(spec, only=pattern)
 
 
 def expand_flags(raw: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -277,3 +278,51 @@ def test_dry_run_writes_no_synthetic_model(tmp_path: Path, monkeypatch: pytest.M
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == 4 and all("is generated on the first real run" in line for line in listed)
     assert not list((tmp_path / "cache").rglob("*.gguf"))
+
+
+def test_only_selects_cells_by_label_and_keeps_their_configuration(tmp_path: Path) -> None:
+    spec = matrix.load_matrix(write(tmp_path, GOOD))
+    every = {c.label(): c.key() for c in spec.cells()}
+    chosen = matrix.select_cells(spec, r"kv=q8_0 .*bench\(")
+    cells = chosen.cells()
+    assert sorted(c.label() for c in cells) == [
+        "patched-cpu smollm2-135m kv=q8_0 fa=on bench(p16 n4 d0,32 r1)",
+        "upstream-cpu smollm2-135m kv=q8_0 fa=on bench(p16 n4 d0,32 r1)",
+    ]
+    # the same cells as in the whole matrix, so what a selection stores the whole matrix finds stored
+    assert all(every[c.label()] == c.key() for c in cells)
+    assert len(spec.cells()) == 8, "selecting must not change the matrix it was made from"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [("no such cell", "matches none of the 8 cells"), ("kv=(q8_0", "is not a regular expression")],
+)
+def test_only_refuses_a_pattern_that_selects_nothing(tmp_path: Path, pattern: str, message: str) -> None:
+    spec = matrix.load_matrix(write(tmp_path, GOOD))
+    with pytest.raises(matrix.MatrixError, match=re.escape(message)):
+        matrix.select_cells(spec, pattern)
+
+
+def test_only_builds_and_lists_the_selected_cells_alone(tmp_path: Path, capsys) -> None:
+    spec = matrix.select_cells(matrix.load_matrix(write(tmp_path, GOOD)), r"^patched-cpu .* bench\(")
+    asked: list[tuple[str, str]] = []
+
+    def no_build(variant: str, backend: str) -> object:
+        asked.append((variant, backend))
+        raise HarnessError(f"{variant}-{backend} is not built", "build it")
+
+    with Store(tmp_path / "r.sqlite") as store:
+        result = matrix.run_matrix(spec, store, builder=no_build, dry_run=True, progress=False)  # type: ignore[arg-type]
+        assert result.ran == 0 and store.count("runs") == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and all(" patched-cpu " in line and " bench(" in line for line in listed)
+    assert asked == [("patched", "cpu")], "a selection without upstream cells must not build upstream"
+
+
+def test_only_on_the_command_line(tmp_path: Path, capsys) -> None:
+    from pyharness.cli import main
+
+    path = write(tmp_path, GOOD)
+    assert main(["matrix", str(path), "--only", "nothing matches this", "--dry-run", "--db", str(tmp_path / "r")]) == 1
+    assert "matches none of the 8 cells" in capsys.readouterr().err
