@@ -1,7 +1,7 @@
 """Ratios and compression phases of this folder's runs, computed from their files (no figure typed by hand).
 
-    python3 summarize.py [--phases DIR] [--ceiling R] [--batched CSV ...] [--over NAME EXTRA CONFIG ...] [--perf DIR]
-                         [BENCH.csv ...]
+    python3 summarize.py [--phases DIR] [--ceiling R] [--amortized EVERY] [--batched CSV ...]
+                         [--over NAME EXTRA CONFIG ...] [--perf DIR] [BENCH.csv ...]
 
 Each row's median t/s is divided by that of the standard f16 cache (no extra flags, f16 K/V) of the same test, in
 its own CSV or else in the first other CSV that has one: pass only CSVs of one machine and build, as each stop's
@@ -12,7 +12,9 @@ pool's (the row without --kv-compress, in its own CSV or else the first CSV that
 over the same configuration in the first CSV; each --over NAME EXTRA CONFIG adds its S_TG over that of the row with
 those extra flags and that configuration (e.g. the paged cache's 15 sequences of the kept size: the ceiling). With
 --perf, the us/run of the op's perf cases in the perf-*.log files there (`scripts/gpu-check vec-threshold`), each
-limit's over the series' (perf-series.log), flash_attn_ext's beside."""
+limit's over the series' (perf-series.log), flash_attn_ext's beside. With --amortized EVERY (and --phases, bench
+CSVs), the costliest compression logged at each depth over the time to decode EVERY tokens with a compressed cache at
+that depth (the issue's bound on compression overhead amortized over decoding)."""
 
 import argparse
 import csv
@@ -83,6 +85,37 @@ def print_phases(path: Path) -> None:
     gather = [float(m.group(1)) for m in GATHER.finditer(text)]
     if gather:
         print(f"  of the selection, the scores' read-back and gather: median {statistics.median(gather):.1f} ms")
+
+
+def compression_totals(path: Path) -> list[float]:
+    """Each logged compression's metric + selection + eviction + compaction, in ms, in the log's order."""
+    text = path.read_text()
+    rows = [tuple(float(x) for x in m.groups()) for m in PHASE.finditer(text)]
+    compaction = [float(m.group(1)) for m in COMPACT.finditer(text)]
+    if len(compaction) != len(rows):
+        sys.exit(f"{path}: {len(rows)} compressions but {len(compaction)} compactions logged")
+    return [r[1] + r[2] + r[3] + c for r, c in zip(rows, compaction, strict=True)]
+
+
+def print_amortized(folder: Path, rows: list[dict[str, str]], every: int) -> None:
+    # the costliest compression logged at a depth (the phases step logs KV-Compress on f16 pages), against decoding
+    # `every` tokens of an f16 cache compressed by KV-Compress at that depth
+    print(
+        f"compression amortized over decoding: the costliest compression logged at a depth over the time to decode "
+        f"{every} tokens (one compression per {every}) with a compressed cache at that depth (tg rows, same machine)"
+    )
+    for path in sorted(folder.glob("d*-phases.txt")):
+        depth = int(re.match(r"d(\d+)-", path.name).group(1))
+        worst = max(compression_totals(path), default=0.0)
+        for r in rows:
+            compressed_f16 = "--kv-compress kvc" in r["extra"] and r["type_k"] == "f16"
+            if r["n_gen"] == "0" or int(r["n_depth"]) != depth or not compressed_f16:
+                continue
+            decode_ms = every / float(r["median_ts"]) * 1000.0
+            print(
+                f"  depth {depth:6d} {r['type_k']}/{r['type_v']} {r['extra']:60s} compression {worst:7.1f} ms, "
+                f"decoding {every} tokens {decode_ms:8.1f} ms: {worst / decode_ms:.4f}"
+            )
 
 
 def print_batched(paths: list[str], over: list[list[str]]) -> None:
@@ -162,6 +195,12 @@ def main() -> int:
         metavar=("NAME", "EXTRA", "CONFIG"),
         help="with --batched: also S_TG over the row with these extra flags and configuration",
     )
+    parser.add_argument(
+        "--amortized",
+        type=int,
+        metavar="EVERY",
+        help="with --phases and bench CSVs: the costliest logged compression at each depth over decoding EVERY tokens",
+    )
     parser.add_argument("--perf", type=Path, help="folder of perf-*.log files (scripts/gpu-check vec-threshold)")
     args = parser.parse_args()
     for path in args.bench + args.batched:
@@ -176,6 +215,11 @@ def main() -> int:
     if args.phases:
         for p in sorted(args.phases.glob("d*-phases.txt")):
             print_phases(p)
+    if args.amortized:
+        if not args.phases:
+            print("summarize.py: --amortized needs --phases", file=sys.stderr)
+            return 2
+        print_amortized(args.phases, rows, args.amortized)
     if args.batched:
         print_batched(args.batched, args.over)
     if args.perf:
