@@ -74,5 +74,6 @@ def test_bad_requests_and_contexts_answer_minus_one(result: dict[str, Any]) -> N
         "rate_below_1": -1,
         "no_recent": -1,
         "layer_cap_below_1": -1,
+        "head_cap_below_1": -1,
     }
     assert result["no_obs"] == -1 and result["on_standard"] == -1
