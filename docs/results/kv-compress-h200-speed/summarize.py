@@ -64,10 +64,15 @@ def print_ceilings(rows: list[dict[str, str]], rate: int) -> None:
             print(f"  {file:28s} {cache:20s} depth {depth:6d}: {kept:8.2f} / {ts:8.2f} = {kept / ts:.3f}x")
 
 
+def logged_phases(text: str) -> tuple[list[tuple[float, ...]], list[float]]:
+    """Each compression's (slots, metric, selection, eviction) and each compaction, in ms, in the log's order."""
+    rows = [tuple(float(x) for x in m.groups()) for m in PHASE.finditer(text)]
+    return rows, [float(m.group(1)) for m in COMPACT.finditer(text)]
+
+
 def print_phases(path: Path) -> None:
     text = path.read_text()
-    rows = [tuple(float(x) for x in m.groups()) for m in PHASE.finditer(text)]
-    compaction = [float(m.group(1)) for m in COMPACT.finditer(text)]
+    rows, compaction = logged_phases(text)
     if not rows:
         print(f"{path}: no compression logged")
         return
@@ -89,9 +94,7 @@ def print_phases(path: Path) -> None:
 
 def compression_totals(path: Path) -> list[float]:
     """Each logged compression's metric + selection + eviction + compaction, in ms, in the log's order."""
-    text = path.read_text()
-    rows = [tuple(float(x) for x in m.groups()) for m in PHASE.finditer(text)]
-    compaction = [float(m.group(1)) for m in COMPACT.finditer(text)]
+    rows, compaction = logged_phases(path.read_text())
     if len(compaction) != len(rows):
         sys.exit(f"{path}: {len(rows)} compressions but {len(compaction)} compactions logged")
     return [r[1] + r[2] + r[3] + c for r, c in zip(rows, compaction, strict=True)]
