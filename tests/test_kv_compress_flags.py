@@ -3,7 +3,9 @@
 A short run per method (compression every 128 positions at rate 2) must give a finite perplexity that differs from
 the full cache's (or the flags did nothing), each method its own; KV-Compress observing every query since its last
 compression must beat a window of the last 16, the uniform rate and StreamingLLM; a rate below 1, a budget below the
-protected window or an unknown method must fail with a message that says what is wrong.
+protected window or an unknown method must fail with a message that says what is wrong. A head cap of 1 (no KV head
+keeps more than the budget) keeps exactly the uniform rate's choice: the same printed perplexity, and not KV-Compress's
+without the cap.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ def perplexity(*extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 
 
-def final_ppl(proc: subprocess.CompletedProcess[str]) -> float:
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+def final_estimate(proc: subprocess.CompletedProcess[str]) -> str:
+    """The final perplexity as printed, with its error: "PPL +/- err"."""
+    m = re.search(r"Final estimate: PPL = ([0-9.]+ \+/- [0-9.]+)", proc.stdout + proc.stderr)
     assert m, proc.stderr[-2000:]
-    return float(m.group(1))
+    return m.group(1)
+
+
+def final_ppl(proc: subprocess.CompletedProcess[str]) -> float:
+    return float(final_estimate(proc).split()[0])
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,21 @@ def test_continual_kv_compress_observes_every_query_since_the_last_compression()
     assert all(ppls["kvc"] < ppl for name, ppl in ppls.items() if name != "kvc"), ppls
 
 
+def test_a_head_cap_of_one_keeps_what_the_uniform_rate_keeps() -> None:
+    schedule = ["--kv-compress-rate", "2", "--kv-compress-every", "128"]
+    estimates = {}
+    for name, extra in {
+        "kvc, head cap 1": ["--kv-compress", "kvc", "--kv-compress-head-cap", "1"],
+        "uniform": ["--kv-compress", "uniform"],
+        "kvc": ["--kv-compress", "kvc"],
+    }.items():
+        proc = perplexity(*extra, *schedule)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        estimates[name] = final_estimate(proc)
+    assert estimates["kvc, head cap 1"] == estimates["uniform"], estimates
+    assert estimates["kvc, head cap 1"] != estimates["kvc"], "the head cap changed nothing"
+
+
 def test_bad_values_fail_with_a_message() -> None:
     proc = perplexity("--kv-compress", "kvc", "--kv-compress-rate", "0.5")
     assert proc.returncode != 0 and "--kv-compress-rate must be at least 1" in proc.stdout + proc.stderr
@@ -80,7 +102,8 @@ def test_bad_values_fail_with_a_message() -> None:
     assert proc.returncode != 0 and "below the protected positions" in proc.stdout + proc.stderr
     proc = perplexity("--kv-compress", "fancy")
     assert proc.returncode != 0 and "invalid value for --kv-compress" in proc.stdout + proc.stderr
-    for bad in ("0.5", "nan", "-1"):
-        proc = perplexity("--kv-compress", "kvc", "--kv-compress-layer-cap", bad)
-        assert proc.returncode != 0, bad
-        assert "--kv-compress-layer-cap must be 0 (no cap) or at least 1" in proc.stdout + proc.stderr, bad
+    for flag in ("--kv-compress-layer-cap", "--kv-compress-head-cap"):
+        for bad in ("0.5", "nan", "-1"):
+            proc = perplexity("--kv-compress", "kvc", flag, bad)
+            assert proc.returncode != 0, (flag, bad)
+            assert f"{flag} must be 0 (no cap) or at least 1" in proc.stdout + proc.stderr, (flag, bad)

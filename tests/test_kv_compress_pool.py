@@ -5,7 +5,7 @@ Pages belong to layers, and KV-Compress ranks a sequence's slots across all laye
 share of the budget. Four sequences of 512 tokens compressed 4x every 128 positions, in a pool of 768 tokens per KV
 head: without a layer cap a layer runs out while others have room, and the run must fail with a message that says so
 and names the cure; with a layer cap of 1 (each layer at most its share, its heads still differing) the same run must
-finish and report its throughput.
+finish and report its throughput, and so with a head cap of 1 (each KV head at most the budget).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import evalkit
+import pytest
 
 from pyharness.models import get_model
 
@@ -47,8 +48,9 @@ def test_kv_compress_without_a_layer_cap_runs_a_layer_out_of_pages_and_says_so()
     assert "--kv-compress-layer-cap 1" in out
 
 
-def test_a_layer_cap_of_one_fits_the_same_pool() -> None:
-    proc = batched_bench("--kv-compress-layer-cap", "1")
+@pytest.mark.parametrize("cap", ["--kv-compress-layer-cap", "--kv-compress-head-cap"])
+def test_a_cap_of_one_fits_the_same_pool(cap: str) -> None:
+    proc = batched_bench(cap, "1")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     row = re.search(r"^\|\s+512 \|\s+16 \|\s+4 \|\s+2112 \|(.*)$", proc.stdout, re.M)
