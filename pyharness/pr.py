@@ -204,7 +204,8 @@ def stage_has_test(repo: Path, commit: str, test: str) -> bool:
 
 
 def check_stage(repo: Path, parent: str, stage: Stage, feature: Feature, root: Path) -> None:
-    """Build the stage on its own and run the feature's tests; results go into stage.checks."""
+    """Build the stage on its own (unoptimized, as `patches check` builds every patch, whose cached objects it
+    reuses) and run the feature's tests; results go into stage.checks."""
     from pyharness.check import build_at
 
     stage.checks["whitespace"] = whitespace_check(repo, parent, stage.commit)
@@ -286,7 +287,9 @@ def description(feature: Feature, base: str, stages: list[Stage], repo: Path, db
         stat = git(repo, "diff", "--shortstat", f"{stage.commit}~1..{stage.commit}")
         lines.append(f"{stage.index}. `{stage.subject}` (branch `{stage.branch}`;{stat})")
     lines += ["", "## How it was tested", ""]
-    lines.append("Each stage was built on its own (CPU, `pyharness pr` on the pinned upstream) and checked:")
+    lines.append(
+        "Each stage was built on its own (CPU, unoptimized, `pyharness pr` on the pinned upstream) and checked:"
+    )
     lines.append("")
     lines.append("| stage | check | result |")
     lines.append("|---|---|---|")

@@ -1,0 +1,128 @@
+"""The build at a patch (`pyharness patches check`, `pyharness pr`) on a small stand-in for llama.cpp: unoptimized,
+without debug info, every target linked, and a folder an older pyharness configured at -O3 is configured again."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pyharness import check
+from pyharness.build import BASE_TARGETS, checkout_tree, cmake_flags, configure, link_source, ninja
+from pyharness.check import CHECK_FLAGS, build_at, check_flags, check_series
+from pyharness.patches import apply, export
+from tests.conftest import git
+
+FAKE_CMAKE = """cmake_minimum_required(VERSION 3.21)
+project(fake_llama C)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+add_library(ggml SHARED ggml.c)
+add_library(llama SHARED llama.c)
+target_link_libraries(llama ggml)
+foreach(tool {tools})
+    add_executable(${tool} tool.c)
+    target_link_libraries(${tool} llama)
+endforeach()
+"""
+
+
+@pytest.fixture
+def fake_project(tmp_path: Path) -> Path:
+    """A project whose 'upstream' is a tiny C project with the harness's target names, and an empty series."""
+    root = tmp_path / "project"
+    repo = root / "vendor" / "llama.cpp"
+    repo.mkdir(parents=True)
+    tools = " ".join(t for t in BASE_TARGETS if t not in ("llama", "ggml"))
+    (repo / "CMakeLists.txt").write_text(FAKE_CMAKE.replace("{tools}", tools))
+    (repo / "ggml.c").write_text("int ggml_answer(void) { return 42; }\n")
+    (repo / "llama.c").write_text("int ggml_answer(void);\nint llama_answer(void) { return ggml_answer(); }\n")
+    (repo / "tool.c").write_text("int llama_answer(void);\nint main(void) { return llama_answer() != 42; }\n")
+    git(repo, "init", "--quiet", "--initial-branch", "upstream")
+    git(repo, "add", "--all")
+    git(repo, "commit", "--quiet", "-m", "fake upstream")
+    commit = git(repo, "rev-parse", "HEAD")
+    (root / "vendor" / "pin.toml").write_text(
+        f'[upstream]\nname = "fake"\ncommit = "{commit}"\n'
+        '[sdist]\npackage = "none"\nversion = "0"\nfile = "none.tar.gz"\nsha256 = "0"\ntree = "t"\ngit_dir = "g"\n'
+    )
+    (root / "patches").mkdir()
+    (root / "patches" / "series").write_text("")
+    return root
+
+
+def compile_command(build_dir: Path, source: str, target: str = "llama-bench") -> str:
+    """The command ninja runs to compile `source` of `target` in build_dir."""
+    obj = f"CMakeFiles/{target}.dir/{source}.o"
+    out = subprocess.run(["ninja", "-C", str(build_dir), "-t", "commands", obj], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def built_tools(build_dir: Path) -> list[str]:
+    return sorted(t for t in BASE_TARGETS if (build_dir / "bin" / t).is_file())
+
+
+def test_check_flags_are_the_variant_flags_unoptimized() -> None:
+    flags = check_flags("cpu", "90")
+    assert flags == [*cmake_flags("cpu", "90", []), *CHECK_FLAGS]  # ccache launchers included when installed
+    assert "-DCMAKE_BUILD_TYPE=Release" in flags  # NDEBUG as in the variant builds, no Debug-only definitions
+    assert sorted(flag.split("=", 1)[0] for flag in CHECK_FLAGS) == [
+        "-DCMAKE_CXX_FLAGS_RELEASE",
+        "-DCMAKE_C_FLAGS_RELEASE",
+    ]
+    assert all(flag.endswith("=-O0 -g0 -DNDEBUG") for flag in CHECK_FLAGS)
+
+
+def test_build_at_a_patch_compiles_unoptimized_and_links_every_target(fake_project: Path) -> None:
+    commit = git(fake_project / "vendor" / "llama.cpp", "rev-parse", "HEAD")
+    build_dir = build_at(commit, "cpu", fake_project)
+    command = compile_command(build_dir, "tool.c").split()
+    assert {"-O0", "-g0", "-DNDEBUG"} <= set(command)
+    assert not {"-O2", "-O3", "-g"} & set(command)
+    assert built_tools(build_dir) == sorted(t for t in BASE_TARGETS if t not in ("llama", "ggml"))
+
+
+def test_folder_configured_with_the_old_flags_is_configured_again(fake_project: Path) -> None:
+    """A build/check-cpu left by the old check (plain Release flags, its flags stamp and all) must not keep -O3."""
+    repo = fake_project / "vendor" / "llama.cpp"
+    commit = git(repo, "rev-parse", "HEAD")
+    build_dir = fake_project / "build" / "check-cpu"
+    build_dir.mkdir(parents=True)
+    log = build_dir / "build.log"
+    # What the previous `build_at` did: the variant builds' flags as they are.
+    tree = checkout_tree("check", commit, fake_project, force=True)
+    configure(link_source(build_dir, tree), build_dir, cmake_flags("cpu", "90", []), fake_project, log)
+    ninja(build_dir, ["llama-bench"], fake_project, log, None)
+    assert "-O3" in compile_command(build_dir, "tool.c").split()
+
+    build_at(commit, "cpu", fake_project)
+    command = compile_command(build_dir, "tool.c").split()
+    assert "-O0" in command and "-O3" not in command
+    assert "tool.c.o" in log.read_text()  # recompiled with the new flags, not kept from the -O3 build
+
+
+def test_patches_check_builds_every_patch_unoptimized(fake_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = fake_project / "vendor" / "llama.cpp"
+    apply(root=fake_project)
+    for answer in (43, 44):
+        (repo / "ggml.c").write_text(f"int ggml_answer(void) {{ return {answer}; }}\n")
+        git(repo, "commit", "--quiet", "-am", f"ggml : answer {answer}")
+    export(feature="answers", root=fake_project)
+    built: list[tuple[str, list[str]]] = []
+
+    real_build_at = check.build_at
+
+    def recording_build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Path:
+        build_dir = real_build_at(commit, backend, root, cuda_arch)
+        subject = git(repo, "log", "-1", "--format=%s", commit)
+        built.append((subject, compile_command(build_dir, "ggml.c", "ggml").split()))
+        return build_dir
+
+    monkeypatch.setattr(check, "build_at", recording_build_at)
+    assert check_series(root=fake_project) == 0
+    assert [subject for subject, _ in built] == ["ggml : answer 43", "ggml : answer 44"]
+    assert all("-O0" in command and "-O3" not in command for _, command in built)
+    build_dir = fake_project / "build" / "check-cpu"
+    assert built_tools(build_dir) == sorted(t for t in BASE_TARGETS if t not in ("llama", "ggml"))
