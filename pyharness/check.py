@@ -23,7 +23,7 @@ from pyharness.build import (
     ninja,
 )
 from pyharness.errors import HarnessError
-from pyharness.patches import PATCHED_BRANCH, branch_tip, check_round_trip, require_vendored
+from pyharness.patches import PATCHED_BRANCH, branch_tip, check_round_trip, read_series, require_vendored
 from pyharness.proc import git
 
 CUDA_DIR = "ggml/src/ggml-cuda"
@@ -46,8 +46,17 @@ def available_targets(build_dir: Path, log: Path) -> set[str]:
     return {line.split(":", 1)[0] for line in out.stdout.splitlines()}
 
 
-def check_series(*, build: bool = True, cuda: bool = False, root: Path | None = None) -> int:
-    """0 when the series round-trips (and builds at every patch); 1 with the problems listed otherwise."""
+def feature_ends(features: list[str]) -> list[int]:
+    """The 1-based positions of the last patch of each run of one feature in a series of patches in order (the tip
+    among them): where `pyharness pr` cuts a feature's stack, and the commits a build at feature ends checks."""
+    return [i + 1 for i, feature in enumerate(features) if i + 1 == len(features) or features[i + 1] != feature]
+
+
+def check_series(
+    *, build: bool = True, cuda: bool = False, root: Path | None = None, feature_ends_only: bool = False
+) -> int:
+    """0 when the series round-trips (and builds at every patch, or with `feature_ends_only` at the last patch of each
+    run of one feature); 1 with the problems listed otherwise."""
     root = root or paths.project_root()
     repo, tip, problems = check_round_trip(root)
     for problem in problems:
@@ -62,7 +71,19 @@ def check_series(*, build: bool = True, cuda: bool = False, root: Path | None = 
     commits = git(repo, "rev-list", "--reverse", f"{base}..{tip}").split()
     print(f"patches check: {len(commits)} patch(es) apply and export byte for byte", file=sys.stderr)
     if build:
+        wanted = set(range(1, len(commits) + 1))
+        if feature_ends_only:
+            entries = read_series(paths.patches_dir(root))
+            if len(entries) != len(commits):
+                raise HarnessError(
+                    f"patches/series names {len(entries)} patches, the branch has {len(commits)} commits",
+                    "run `pyharness patches apply`",
+                )
+            wanted = set(feature_ends([entry.feature for entry in entries]))
+            print(f"patches check: building at the {len(wanted)} feature ends only", file=sys.stderr)
         for index, commit in enumerate(commits, start=1):
+            if index not in wanted:
+                continue
             subject = git(repo, "log", "-1", "--format=%s", commit)
             print(f"patches check: building [{index}/{len(commits)}] {subject}", file=sys.stderr)
             build_at(commit, "cpu", root)

@@ -47,7 +47,7 @@ def cmd_patches(args: argparse.Namespace) -> int:
     elif args.action == "check":
         from pyharness.check import check_series
 
-        return check_series(build=not args.no_build, cuda=args.cuda)
+        return check_series(build=not args.no_build, cuda=args.cuda, feature_ends_only=args.feature_ends)
     else:
         from pyharness import paths
 
@@ -175,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="apply: discard local changes (old branch kept as backup)")
     p.add_argument("--feature", help="export: feature of new commits not yet in the series")
     p.add_argument("--no-build", action="store_true", help="check: skip building each patch")
+    p.add_argument(
+        "--feature-ends",
+        action="store_true",
+        help="check: build only at the last patch of each run of one feature (the tip among them), where `pr` cuts "
+        "the stacks; CI's check (a series change is checked at every patch first)",
+    )
     p.add_argument("--cuda", action="store_true", help="check: also compile the CUDA sources the series touches")
     p.set_defaults(func=cmd_patches)
 

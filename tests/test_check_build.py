@@ -126,3 +126,32 @@ def test_patches_check_builds_every_patch_unoptimized(fake_project: Path, monkey
     assert all("-O0" in command and "-O3" not in command for _, command in built)
     build_dir = fake_project / "build" / "check-cpu"
     assert built_tools(build_dir) == sorted(t for t in BASE_TARGETS if t not in ("llama", "ggml"))
+
+
+def test_feature_ends_are_the_last_patch_of_each_run_of_one_feature() -> None:
+    assert check.feature_ends(["a", "a", "b", "c", "c", "c"]) == [2, 3, 6]
+    assert check.feature_ends(["a", "b", "a"]) == [1, 2, 3]  # a feature interrupted ends twice
+    assert check.feature_ends(["a"]) == [1]
+    assert check.feature_ends([]) == []
+
+
+def test_patches_check_at_feature_ends_builds_only_there(fake_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = fake_project / "vendor" / "llama.cpp"
+    apply(root=fake_project)
+    for feature, answers in (("first", (43, 44)), ("second", (45, 46, 47))):
+        for answer in answers:
+            (repo / "ggml.c").write_text(f"int ggml_answer(void) {{ return {answer}; }}\n")
+            git(repo, "commit", "--quiet", "-am", f"ggml : answer {answer}")
+        export(feature=feature, root=fake_project)
+    built: list[str] = []
+
+    def recording_build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Path:
+        built.append(git(repo, "log", "-1", "--format=%s", commit))
+        return root / "build" / "check-cpu"
+
+    monkeypatch.setattr(check, "build_at", recording_build_at)
+    assert check_series(root=fake_project, feature_ends_only=True) == 0
+    assert built == ["ggml : answer 44", "ggml : answer 47"]
+    built.clear()
+    assert check_series(root=fake_project) == 0
+    assert built == [f"ggml : answer {answer}" for answer in range(43, 48)]
