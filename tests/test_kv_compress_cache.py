@@ -5,7 +5,9 @@ A budget above the sequence's length must evict nothing and leave every logits r
 context's; at a budget of 48 slots per head (of 128 positions), the uniform rate must return exactly the pages of
 the evicted slots (every head keeps 48 slots in 6 pages of 8), KV-Compress a different set (its heads keep different
 counts, so its rows differ from the uniform rate's); decoding must go on, a second compression (by rate, after
-decoding) too; bad requests and contexts that cannot compress must answer -1.
+decoding) too; bad requests and contexts that cannot compress must answer -1. Two sequences compressed in one update
+(a schedule) must give every row that compressing them one at a time gives, and compressing one must leave the
+other's rows as they were (issue 8: "two sequences compressed in one batch never touch each other").
 """
 
 from __future__ import annotations
@@ -77,3 +79,16 @@ def test_bad_requests_and_contexts_answer_minus_one(result: dict[str, Any]) -> N
         "head_cap_below_1": -1,
     }
     assert result["no_obs"] == -1 and result["on_standard"] == -1
+
+
+def test_two_sequences_compressed_in_one_update_never_touch_each_other(result: dict[str, Any]) -> None:
+    r = result["two-seqs"]
+    # the schedule compressed both sequences in one update: each freed pages, as one at a time does
+    assert all(freed > 0 for freed in r["freed_one_at_a_time"]), r
+    assert r["kv_bytes"]["scheduled"] == r["kv_bytes"]["both"], r
+    assert all(s < n for s, n in zip(r["kv_bytes"]["scheduled"], r["kv_bytes"]["none"], strict=True)), r
+    # together or one after the other: every row of both sequences bit for bit, and the compression changed them
+    assert r["scheduled_vs_one_at_a_time"] == [0.0, 0.0], r
+    assert all(d > 0.0 for d in r["scheduled_vs_none"]), r
+    # compressing sequence 0 alone: its rows as when both are compressed, sequence 1's as when neither is
+    assert r["first_only_seq0_vs_both"] == 0.0 and r["first_only_seq1_vs_none"] == 0.0, r
