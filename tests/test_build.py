@@ -12,43 +12,6 @@ from pyharness.build import BASE_TARGETS, METADATA_FILE, build, buildable_target
 from pyharness.errors import HarnessError
 from tests.conftest import git
 
-FAKE_CMAKE = """cmake_minimum_required(VERSION 3.21)
-project(fake_llama C)
-set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
-set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
-add_library(ggml SHARED ggml.c)
-add_library(llama SHARED llama.c)
-target_link_libraries(llama ggml)
-foreach(tool {tools})
-    add_executable(${tool} tool.c)
-    target_link_libraries(${tool} llama)
-endforeach()
-"""
-
-
-@pytest.fixture
-def fake_project(tmp_path: Path) -> Path:
-    """A project whose 'upstream' is a tiny C project with the harness's target names."""
-    root = tmp_path / "project"
-    repo = root / "vendor" / "llama.cpp"
-    repo.mkdir(parents=True)
-    tools = " ".join(t for t in BASE_TARGETS if t not in ("llama", "ggml"))
-    (repo / "CMakeLists.txt").write_text(FAKE_CMAKE.replace("{tools}", tools))
-    (repo / "ggml.c").write_text("int ggml_answer(void) { return 42; }\n")
-    (repo / "llama.c").write_text("int ggml_answer(void);\nint llama_answer(void) { return ggml_answer(); }\n")
-    (repo / "tool.c").write_text("int llama_answer(void);\nint main(void) { return llama_answer() != 42; }\n")
-    git(repo, "init", "--quiet", "--initial-branch", "upstream")
-    git(repo, "add", "--all")
-    git(repo, "commit", "--quiet", "-m", "fake upstream")
-    commit = git(repo, "rev-parse", "HEAD")
-    (root / "vendor" / "pin.toml").write_text(
-        f'[upstream]\nname = "fake"\ncommit = "{commit}"\n'
-        '[sdist]\npackage = "none"\nversion = "0"\nfile = "none.tar.gz"\nsha256 = "0"\ntree = "t"\ngit_dir = "g"\n'
-    )
-    (root / "patches").mkdir()
-    (root / "patches" / "series").write_text("")
-    return root
-
 
 def test_build_records_provenance_and_rebuilds_in_seconds(fake_project: Path) -> None:
     info = build("upstream", "cpu", root=fake_project)

@@ -12,20 +12,14 @@ other's rows as they were (issue 8: "two sequences compressed in one batch never
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyharness.bindings import library_dir
-from pyharness.models import get_model
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_paged_kv_cache import probe
+from test_paged_kv_cache import probe, run_probe
 
 COMPRESS_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_compress_probe.py"
 N_HEADS = 30 * 3  # SmolLM2: layers x KV heads
@@ -101,15 +95,6 @@ def test_two_sequences_compressed_in_one_update_never_touch_each_other(result: d
 
 
 def test_a_sequence_inside_its_protected_window_is_a_logged_no_op() -> None:
-    env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(library_dir("patched"))}
-    proc = subprocess.run(
-        [sys.executable, str(COMPRESS_PROBE), str(get_model("smollm2-135m")), "--short"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"short": 0}
-    assert "holds positions 0 to 11, all protected (16 recent, 4 sink): nothing to evict" in proc.stderr
+    result, log = run_probe("--short", script=COMPRESS_PROBE)
+    assert result == {"short": 0}
+    assert "holds positions 0 to 11, all protected (16 recent, 4 sink): nothing to evict" in log

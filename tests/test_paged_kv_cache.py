@@ -28,7 +28,8 @@ UBATCH_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_ubatch_prob
 EVICT_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_evict_probe.py"
 
 
-def probe(*args: str, script: Path = PROBE) -> dict[str, Any]:
+def run_probe(*args: str, script: Path = PROBE) -> tuple[dict[str, Any], str]:
+    """A probe script run on SmolLM2 against the patched build's libllama: its JSON line, and its stderr (the log)"""
     env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(library_dir("patched"))}
     proc = subprocess.run(
         [sys.executable, str(script), str(get_model("smollm2-135m")), *args],
@@ -40,7 +41,11 @@ def probe(*args: str, script: Path = PROBE) -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return result, proc.stderr
+
+
+def probe(*args: str, script: Path = PROBE) -> dict[str, Any]:
+    return run_probe(*args, script=script)[0]
 
 
 def test_paged_cache_gives_the_standard_caches_logits_bit_for_bit() -> None:
