@@ -4,7 +4,8 @@ sequences decode greedily together, one of them a copy of another's prompt (llam
 Every logits row read must be bitwise the standard cache's and the greedy tokens identical. With a seq_rm of one
 sequence's last tokens, the other sequences must not notice and that sequence must replay its rows exactly. A
 context shift (seq_rm + seq_add) and a seq_div rotate the paged keys as the standard cache's shift does
-(tests/fixtures/paged_shift_probe.py). A pool too small fails the batch with llama_decode's "no memory slot" status
+(tests/fixtures/paged_shift_probe.py). A copy of a range that is not a prefix reads as the standard cache's copy does
+(tests/fixtures/paged_range_copy_probe.py). A pool too small fails the batch with llama_decode's "no memory slot" status
 and leaves every sequence as it was.
 """
 
@@ -26,6 +27,7 @@ PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_probe.py"
 SHIFT_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_shift_probe.py"
 UBATCH_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_ubatch_probe.py"
 EVICT_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_evict_probe.py"
+RANGE_COPY_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_range_copy_probe.py"
 
 
 def run_probe(*args: str, script: Path = PROBE) -> tuple[dict[str, Any], str]:
@@ -134,3 +136,15 @@ def test_a_server_whose_context_the_sequences_fill_answers_as_with_the_standard_
         assert not full, f"{t.cache}: {full}"
     # where the prompts began in the same batches (as a rule: all three in the first), the same answers
     assert all(pair[4] for pair in summary["same_batches"]), summary["batches"]
+
+
+def test_a_copy_of_a_range_that_is_not_a_prefix_reads_as_the_standard_caches() -> None:
+    # positions [9, 33) of a 40-token prompt: the copy shares pages of 16 slots with its source, then evicts the slots
+    # before 9 (the pages it writes copied first); its state, saved right after, holds the moved rows
+    r = probe(script=RANGE_COPY_PROBE)
+    assert r["pos_range"]["paged"] == r["pos_range"]["standard"] == [9, 32]
+    assert r["rows"] == 24
+    assert r["copy_equal"], "the copy's rows differ from the standard cache's copy"
+    assert r["source_equal"], "the source's rows changed with the copy"
+    assert r["restored_standard_equal"]  # the probe's own check on the standard cache
+    assert r["restored_equal"], "the copy's state, saved after seq_cp, lacks rows the copy moved"
