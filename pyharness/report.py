@@ -443,9 +443,10 @@ def bench_section(rows: list[dict[str, Any]], baseline: str, candidate: str) -> 
     cells: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in rows:
         key = tuple(r[k] for k in key_fields)
-        # an extra-flag run of the candidate is its own row; the baseline row it compares to has no extra flags
+        # an extra-flag run of the candidate is its own row; the baseline row it compares to has no extra flags (with
+        # the baseline as candidate: the variant's extra-flag runs against its own runs without them)
         extra = r["extra"]
-        if r["variant"] == baseline and extra:
+        if r["variant"] == baseline and extra and baseline != candidate:
             continue
         slot = r["variant"] if not extra else f"{r['variant']} {extra}"
         cells[key][slot] = r

@@ -152,3 +152,32 @@ def test_files_are_written(tmp_path: Path) -> None:
 def test_empty_store_is_an_error(tmp_path: Path) -> None:
     with Store(tmp_path / "r.sqlite") as store, pytest.raises(HarnessError, match="no successful runs"):
         build_report(store, matrix="nothing")
+
+
+def test_one_variant_compares_its_extra_flags_against_its_own_runs(tmp_path: Path) -> None:
+    # --baseline X --candidate X: the rows with extra flags against the same variant's rows without them (a matrix
+    # of one build, e.g. its standard cache against --kv-cache paged)
+    with Store(tmp_path / "r.sqlite") as store:
+        populate(store)
+        store.conn.execute(
+            "UPDATE runs SET params = json_set(params, '$.extra', json('[\"--kv-cache\", \"paged\"]')) "
+            "WHERE variant = 'upstream'"
+        )
+        # one build: the upstream fixture's runs become the patched build's runs with the extra flag
+        store.conn.execute(
+            "UPDATE runs SET variant = 'patched', source_commit = p.source_commit, series_hash = p.series_hash "
+            "FROM (SELECT source_commit, series_hash FROM runs WHERE variant = 'patched' LIMIT 1) AS p"
+        )
+        store.conn.commit()
+        report = build_report(store, baseline="patched", candidate="patched")
+        header, body = evalkit.table_rows(report.markdown, "### Throughput")
+        assert header[-3:] == ["t/s patched", "t/s patched --kv-cache paged", "Speedup patched --kv-cache paged"]
+        assert body
+        for row in body:
+            base, paged = (float(cell.split(" ± ")[0]) for cell in row[-3:-1])
+            assert row[-1] == f"{paged / base:.2f}"
+        # upstream against patched leaves the baseline's extra-flag runs out
+        header, _ = evalkit.table_rows(
+            build_report(store, baseline="patched", candidate="upstream").markdown, "### Throughput"
+        )
+        assert "t/s patched --kv-cache paged" not in header
