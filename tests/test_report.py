@@ -176,6 +176,8 @@ def test_one_variant_compares_its_extra_flags_against_its_own_runs(tmp_path: Pat
         for row in body:
             base, paged = (float(cell.split(" ± ")[0]) for cell in row[-3:-1])
             assert row[-1] == f"{paged / base:.2f}"
+        # the defaults (upstream against patched) on a store without upstream runs: the same comparison
+        assert build_report(store).markdown == report.markdown
         # upstream against patched leaves the baseline's extra-flag runs out
         header, _ = evalkit.table_rows(
             build_report(store, baseline="patched", candidate="upstream").markdown, "### Throughput"
