@@ -625,7 +625,8 @@ def build_report(
             f"no successful runs{where} in {store.path}",
             "run `pyharness matrix FILE.toml` (or ppl / bench) first, or check --db / --matrix",
         )
-    if baseline not in {r["variant"] for r in runs} and candidate in {r["variant"] for r in runs}:
+    variants = {r["variant"] for r in runs}
+    if baseline not in variants and candidate in variants:
         # a matrix of the candidate's build alone (no baseline runs): its extra-flag rows against its own rows
         baseline = candidate
     groups = group_runs(runs)
