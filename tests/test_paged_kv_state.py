@@ -9,8 +9,9 @@ back, against the standard cache, in-process through llama-cpp-python on the pat
 - llama_state_seq_* and llama_state_* between paged and standard contexts, both ways (unified or not, V transposed or
   not): the context that loads a state goes on with bitwise the logits of the one that saved it, and writes back the
   bytes it read. With sliding-window layers (Gemma 3) the state has llama_kv_cache_iswa's format.
-- Gemma 3 without a state, on one thread: bitwise the logits of a standard cache that keeps every cell of its window
-  layers (swa_full), in flash attention's row-by-row path and its tiled one (tiles spanning pages).
+- Gemma 3 without a state, on one thread: bitwise the logits of the standard cache, by default (both keep the window
+  layers in upstream's window cache, a ring past its size) and with swa_full (every cell of the window layers kept), in
+  flash attention's row-by-row path and its tiled one (tiles spanning pages); the same first position reported.
 - States of another layout (another model, q8_0 keys), truncated, or larger than the pool: refused, the context as it
   was.
 - llama_memory_seq_keep and llama_memory_clear give pages back to the pool, and the memory breakdown that the tools
@@ -38,7 +39,7 @@ PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_state_probe.py"
 # flash attention the standard cache runs soft_max over all of its cells (the paged cache always runs flash
 # attention); Gemma 3 decoding past 512 cells on two threads: the standard cache splits a single token's keys among
 # the threads and merges the parts, which moves its logits by up to about 1.3 (it is then off its own one-thread
-# result by as much; see "against_full" below). A state read wrong gives differences of 20 and more
+# result by as much; see "against_standard" below). A state read wrong gives differences of 20 and more
 KERNEL_TOLERANCE = 2.0
 
 
@@ -116,16 +117,25 @@ def test_whole_context_states_move_between_paged_and_standard_contexts(state: di
 def test_states_of_a_model_with_sliding_window_layers() -> None:
     r = probe("swa", str(get_model("gemma3-270m")))
     assert r["tokens"] > 512, "the prompt must be longer than the window"
-    for case in ("paged_to_paged", "paged_standard_paged"):
-        assert r[case]["read"] and r[case]["bitwise_equal"], case
-    for case in ("paged_to_standard", "standard_to_paged"):
-        assert r[case]["read"], case
-        assert r[case]["max_abs_diff"] < KERNEL_TOLERANCE, case
+    # one thread: every round trip goes on with bitwise the logits of the context that saved the state
+    for case in ("paged_to_paged", "paged_standard_paged", "paged_to_standard", "standard_to_paged"):
+        assert r[case]["read"] and r[case]["bitwise_equal"], f"{case}: max abs diff {r[case]['max_abs_diff']}"
     assert r["no_state_max_abs_diff"] < KERNEL_TOLERANCE
-    # one thread, against a standard cache whose window layers keep every cell in order (swa_full): bitwise, in flash
-    # attention's row-by-row path (ubatch 32) and its tiled one (ubatch 512, tiles spanning several pages of 16 slots)
-    for ubatch, cmp in r["against_full"].items():
+    # one thread, against the standard cache that holds the window layers alike (its window cache by default, every
+    # cell in order with swa_full): bitwise, in flash attention's row-by-row path (ubatch 32) and its tiled one
+    # (ubatch 512, tiles spanning several pages of 16 slots)
+    assert len(r["against_standard"]) == 4
+    for ubatch, cmp in r["against_standard"].items():
         assert cmp["bitwise_equal"], f"{ubatch}: max abs diff {cmp['max_abs_diff']}"
+    # past the window cache's size it reuses cells as a ring: the default caches agree with each other bitwise and
+    # report the same first position, as do the swa_full ones; the two kinds differ, so the comparisons can fail
+    wrap = r["wrap"]
+    assert wrap["tokens"] > 768 + 64, "the prompt must wrap the window cache's ring"
+    assert not wrap["standard_vs_standard_swa_full"]["bitwise_equal"], "the ring no longer changes the order"
+    assert wrap["paged_vs_standard"]["bitwise_equal"], wrap["paged_vs_standard"]
+    assert wrap["paged_swa_full_vs_standard_swa_full"]["bitwise_equal"], wrap["paged_swa_full_vs_standard_swa_full"]
+    assert wrap["paged_pos_min"] == wrap["standard_pos_min"] > 0
+    assert wrap["paged_swa_full_pos_min"] == wrap["standard_swa_full_pos_min"] == 0
     assert r["partial_checkpoint"]["read"] and r["partial_checkpoint"]["bitwise_equal"]
 
 
@@ -159,6 +169,33 @@ def test_memory_breakdown_reports_the_pages_in_use() -> None:
     n_tokens = int(tokens.group(1))
     assert int(used.group(1)) == 30 * 3 * ((n_tokens + 15) // 16)
     assert int(used.group(2)) == 30 * 3 * (512 // 16 + int(seqs.group(1)))
+
+
+def kv_buffer_mib(*extra: str) -> float:
+    """the KV buffers llama-completion allocates for Gemma 3 270M at a context of 8192 (every cache logs each of its
+    buffers: the paged pools with their positions, the standard caches' K and V)"""
+    exe = library_dir("patched") / "llama-completion"
+    args = ["-m", str(get_model("gemma3-270m")), "-p", "The history of the Roman Empire", "-n", "1", "-c", "8192"]
+    args += ["-t", "2", "-no-cnv", "--temp", "0", "-v", *extra]
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = re.findall(r"KV buffer size = +([0-9.]+) MiB", proc.stdout + proc.stderr)
+    assert sizes, (proc.stdout + proc.stderr)[-3000:]
+    return sum(float(x) for x in sizes)
+
+
+def test_window_layers_take_what_upstreams_window_cache_takes() -> None:
+    # Gemma 3 270M: 15 of 18 layers see the last 512 positions. By default the paged cache leaves them in upstream's
+    # window cache (pad(512 + n_ubatch, 256) cells) and pages the 3 others: its KV memory is the standard cache's but
+    # for the pages' rounding and positions (a partly filled last page per KV head: 64 slots of 8192, and 4 bytes per
+    # slot beside the 1 KiB of K and V); with --swa-full it pages every layer at full size, as upstream's --swa-full
+    standard = kv_buffer_mib()
+    paged = kv_buffer_mib("--kv-cache", "paged")
+    paged_full = kv_buffer_mib("--kv-cache", "paged", "--swa-full")
+    standard_full = kv_buffer_mib("--swa-full")
+    assert paged <= 1.02 * standard, f"paged {paged} MiB against upstream's {standard} MiB"
+    assert standard_full <= paged_full <= 1.02 * standard_full, f"paged --swa-full {paged_full} MiB, upstream {standard_full}"
+    assert standard_full > 3 * standard, "the window layers' cache is no longer smaller than a full one"
 
 
 def test_seq_keep_and_clear_give_pages_back() -> None:

@@ -1,13 +1,13 @@
 """Issue 7's CPU exactness on a model with sliding-window layers (Gemma 3 270M: 15 of 18 layers see the last 512
 positions), through llama-perplexity of the patched CPU build on the shared wikitext text.
 
-The paged cache keeps every slot of a window layer in position order and masks what the window hides, so its
-perplexity must equal, to every printed digit, that of upstream's standard cache with `--swa-full` (window layers at
-full size, cells in position order): the same attention, summed in the same order. Upstream's default window cache
-(n_swa + n_ubatch cells, reused as a ring) sums the same keys in another order, and the CPU's flash attention
-accumulates V in f16, so its perplexity moves with the ubatch size. A context of 2048 positions makes the ring wrap:
-the test also checks that the default cache differs there, so that the comparison is one that a change of order
-would fail.
+By default the paged cache keeps a model's window layers in upstream's window cache (n_swa + n_ubatch cells, reused
+as a ring; llama_kv_cache_paged_iswa) and pages the other layers, so its perplexity must equal upstream's default
+cache's to every printed digit. With `--swa-full` the paged cache pages the window layers too, keeping every slot in
+position order and masking what the window hides: then it must equal upstream's `--swa-full` (window layers at full
+size, cells in position order). The two upstream caches sum the same keys in another order once the ring wraps, and
+the CPU's flash attention accumulates V in f16, so their perplexities differ at a context of 2048 positions: the test
+checks that too, so that each comparison is one that a change of order would fail.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ def perplexity(*extra: str) -> float:
     return parse_final_estimate(out)["ppl"]
 
 
-def test_paged_cache_perplexity_equals_the_full_window_caches_to_every_digit() -> None:
+def test_paged_cache_perplexity_equals_upstreams_to_every_digit() -> None:
     paged = perplexity("--kv-cache", "paged")
-    full = perplexity("--swa-full")
     ring = perplexity()
-    assert paged == full, f"paged {paged} != standard --swa-full {full}"
-    # the window cache as a ring sums in another order: a comparison that can tell orders apart
+    paged_full = perplexity("--kv-cache", "paged", "--swa-full")
+    full = perplexity("--swa-full")
+    assert paged == ring, f"paged {paged} != upstream's default cache {ring}"
+    assert paged_full == full, f"paged --swa-full {paged_full} != upstream --swa-full {full}"
+    # the window cache as a ring sums in another order: comparisons that can tell the two caches apart
     assert ring != full, f"the default window cache gave {ring}, as --swa-full: the context no longer wraps the ring"
