@@ -194,7 +194,7 @@ def test_window_layers_take_what_upstreams_window_cache_takes() -> None:
     paged_full = kv_buffer_mib("--kv-cache", "paged", "--swa-full")
     standard_full = kv_buffer_mib("--swa-full")
     assert paged <= 1.02 * standard, f"paged {paged} MiB against upstream's {standard} MiB"
-    assert standard_full <= paged_full <= 1.02 * standard_full, f"paged --swa-full {paged_full} MiB, upstream {standard_full}"
+    assert standard_full <= paged_full <= 1.02 * standard_full, f"--swa-full: {paged_full} against {standard_full}"
     assert standard_full > 3 * standard, "the window layers' cache is no longer smaller than a full one"
 
 
