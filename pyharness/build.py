@@ -67,7 +67,18 @@ TARGET_OPTIONS: dict[str, tuple[str, ...]] = {
 # archive leaves tools/ui out (PACK_EXCLUDES), and with LLAMA_BUILD_SERVER on CMake fails without it.
 TARGET_SOURCES: dict[str, tuple[str, ...]] = {
     "llama-server": ("tools/server/CMakeLists.txt", "tools/ui/CMakeLists.txt"),
+    "llama-needle": ("tools/needle/CMakeLists.txt",),
 }
+
+
+def target_sources(target: str) -> tuple[str, ...]:
+    """The files a target needs in the source tree: TARGET_SOURCES', or for a test program its tests/<name>.cpp (a
+    feature's test that a tree checked out at an earlier patch of the series does not have yet)."""
+    if target in TARGET_SOURCES:
+        return TARGET_SOURCES[target]
+    if target.startswith("test-"):
+        return (f"tests/{target}.cpp",)
+    return ()
 
 
 @dataclass
@@ -146,13 +157,14 @@ def variant_targets(variant: str, root: Path) -> list[str]:
 
 
 def buildable_targets(targets: Sequence[str], tree: Path) -> tuple[list[str], list[str]]:
-    """(targets the source tree can build, messages for those it cannot: their TARGET_SOURCES are missing)."""
+    """(targets the source tree can build, messages for those it cannot: their sources are missing)."""
     kept, skipped = [], []
     for target in targets:
-        missing = [f for f in TARGET_SOURCES.get(target, ()) if not (tree / f).is_file()]
+        missing = [f for f in target_sources(target) if not (tree / f).is_file()]
         if missing:
             skipped.append(
-                f"{target} not built: the source tree has no {', '.join(missing)} (a packed tree leaves it out)"
+                f"{target} not built: the source tree has no {', '.join(missing)} (a packed tree leaves it out, "
+                "or the series' branch stands at a patch before the one that adds it)"
             )
         else:
             kept.append(target)

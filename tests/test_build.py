@@ -83,3 +83,19 @@ def test_targets_whose_sources_a_packed_tree_lacks_are_not_built(tmp_path: Path)
     (tree / "tools" / "ui").mkdir()
     (tree / "tools" / "ui" / "CMakeLists.txt").write_text("")
     assert buildable_targets(["llama", "llama-server"], tree) == (["llama", "llama-server"], [])
+
+
+def test_a_features_test_program_missing_at_an_earlier_patch_is_not_built(tmp_path: Path) -> None:
+    """A tree at a patch of the series before the one that adds a feature's test program (tests/<name>.cpp) builds the
+    rest: `pyharness build` of one stage of the series (scripts/gpu-check build-stage)."""
+    tree = tmp_path / "tree"
+    (tree / "tests").mkdir(parents=True)
+    (tree / "tests" / "test-kv-pages.cpp").write_text("")
+    kept, skipped = buildable_targets(["test-backend-ops", "test-kv-pages", "test-flash-attn-paged-score"], tree)
+    assert kept == ["test-kv-pages"]
+    assert len(skipped) == 2 and "tests/test-flash-attn-paged-score.cpp" in skipped[1]
+
+    (tree / "tests" / "test-backend-ops.cpp").write_text("")
+    (tree / "tests" / "test-flash-attn-paged-score.cpp").write_text("")
+    names = ["test-backend-ops", "test-kv-pages", "test-flash-attn-paged-score"]
+    assert buildable_targets(names, tree) == (names, [])
