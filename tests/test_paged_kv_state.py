@@ -139,6 +139,16 @@ def test_states_of_a_model_with_sliding_window_layers() -> None:
     assert r["partial_checkpoint"]["read"] and r["partial_checkpoint"]["bitwise_equal"]
 
 
+def test_several_sequences_of_a_model_with_sliding_window_layers() -> None:
+    # Gemma 3 as llama-server decodes it: four prompts in one batch, then a token of each sequence per step; the paged
+    # cache (its window layers in upstream's window cache) gives bitwise the standard cache's logits, on one and two
+    # threads, with one stream or one per sequence
+    r = probe("multi", str(get_model("gemma3-270m")))
+    assert len(r) == 4
+    for case, cmp in r.items():
+        assert cmp["bitwise_equal"], f"{case}: max abs diff {cmp['max_abs_diff']}"
+
+
 def test_states_that_do_not_fit_are_refused_and_change_nothing() -> None:
     r = probe("bad", str(get_model("smollm2-135m")), str(get_model("gemma3-270m")))
     assert r["read"] == {
