@@ -72,11 +72,12 @@ TARGET_SOURCES: dict[str, tuple[str, ...]] = {
 
 
 def target_sources(target: str) -> tuple[str, ...]:
-    """The files a target needs in the source tree: TARGET_SOURCES', or for a test program its tests/<name>.cpp (a
-    feature's test that a tree checked out at an earlier patch of the series does not have yet)."""
+    """The files a target needs in the source tree: TARGET_SOURCES', or for a feature's test program (not one of
+    upstream's BASE_TARGETS) its tests/<name>.cpp, which a tree checked out at an earlier patch of the series does not
+    have yet."""
     if target in TARGET_SOURCES:
         return TARGET_SOURCES[target]
-    if target.startswith("test-"):
+    if target.startswith("test-") and target not in BASE_TARGETS:
         return (f"tests/{target}.cpp",)
     return ()
 
