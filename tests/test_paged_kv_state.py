@@ -162,14 +162,19 @@ def test_states_that_do_not_fit_are_refused_and_change_nothing() -> None:
     assert r["fits"], "the state that was too large for the pool must load where it fits"
 
 
-def test_memory_breakdown_reports_the_pages_in_use() -> None:
-    # llama-completion prints the memory breakdown at the end (with -v): the paged cache logs its pages in use there
+def completion_log(model: str, n_predict: int, n_ctx: int, *extra: str) -> str:
+    """the log of the patched build's llama-completion (-v) over a short prompt, greedy, two threads"""
     exe = library_dir("patched") / "llama-completion"
-    args = ["-m", str(get_model("smollm2-135m")), "-p", "The history of the Roman Empire", "-n", "20", "-c", "512"]
-    args += ["--kv-cache", "paged", "--kv-page-size", "16", "-t", "2", "-no-cnv", "--temp", "0", "-v"]
+    args = ["-m", str(get_model(model)), "-p", "The history of the Roman Empire", "-n", str(n_predict)]
+    args += ["-c", str(n_ctx), "-t", "2", "-no-cnv", "--temp", "0", "-v", *extra]
     proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_memory_breakdown_reports_the_pages_in_use() -> None:
+    # llama-completion prints the memory breakdown at the end (with -v): the paged cache logs its pages in use there
+    log = completion_log("smollm2-135m", 20, 512, "--kv-cache", "paged", "--kv-page-size", "16")
     used = re.search(r"paged KV cache: (\d+) of (\d+) pages in use", log)
     tokens = re.search(r"total time = .* / +(\d+) tokens", log)
     seqs = re.search(r"llama_kv_cache_paged: size = .* layers, +(\d+) seqs\)", log)
@@ -184,13 +189,9 @@ def test_memory_breakdown_reports_the_pages_in_use() -> None:
 def kv_buffer_mib(*extra: str) -> float:
     """the KV buffers llama-completion allocates for Gemma 3 270M at a context of 8192 (every cache logs each of its
     buffers: the paged pools with their positions, the standard caches' K and V)"""
-    exe = library_dir("patched") / "llama-completion"
-    args = ["-m", str(get_model("gemma3-270m")), "-p", "The history of the Roman Empire", "-n", "1", "-c", "8192"]
-    args += ["-t", "2", "-no-cnv", "--temp", "0", "-v", *extra]
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sizes = re.findall(r"KV buffer size = +([0-9.]+) MiB", proc.stdout + proc.stderr)
-    assert sizes, (proc.stdout + proc.stderr)[-3000:]
+    log = completion_log("gemma3-270m", 1, 8192, *extra)
+    sizes = re.findall(r"KV buffer size = +([0-9.]+) MiB", log)
+    assert sizes, log[-3000:]
     return sum(float(x) for x in sizes)
 
 
