@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from pyharness import paths
@@ -23,6 +24,7 @@ from pyharness.build import (
     ninja,
 )
 from pyharness.errors import HarnessError
+from pyharness.file_lock import file_lock
 from pyharness.patches import PATCHED_BRANCH, branch_tip, check_round_trip, read_series, require_vendored
 from pyharness.proc import git
 
@@ -52,12 +54,28 @@ def feature_ends(features: list[str]) -> list[int]:
     return [i + 1 for i, feature in enumerate(features) if i + 1 == len(features) or features[i + 1] != feature]
 
 
+def check_tree_lock(root: Path) -> AbstractContextManager[None]:
+    """The check tree (vendor/trees/check) and build/check-* serve one command at a time: `patches check`, `pr` and
+    `cuda-check` hold this lock for their whole run (a second one waits, saying so), since one command's checkout
+    under another's build makes that build fail or test the wrong patch."""
+    return file_lock(
+        paths.build_root(root) / ".check-tree.lock",
+        waiting="waiting for another `pyharness patches check` or `pyharness pr` (they share the check tree and "
+        "build/check-*)",
+    )
+
+
 def check_series(
     *, build: bool = True, cuda: bool = False, root: Path | None = None, feature_ends_only: bool = False
 ) -> int:
     """0 when the series round-trips (and builds at every patch, or with `feature_ends_only` at the last patch of each
     run of one feature); 1 with the problems listed otherwise."""
     root = root or paths.project_root()
+    with check_tree_lock(root):
+        return _check_series(build=build, cuda=cuda, root=root, feature_ends_only=feature_ends_only)
+
+
+def _check_series(*, build: bool, cuda: bool, root: Path, feature_ends_only: bool) -> int:
     repo, tip, problems = check_round_trip(root)
     for problem in problems:
         print(f"patches check: {problem}", file=sys.stderr)
@@ -102,6 +120,11 @@ def build_at(commit: str, backend: str, root: Path, cuda_arch: str = "90") -> Pa
     """Build the harness targets (those that exist at `commit`) in build/check-<backend>, with `check_flags`. A
     folder configured with other flags (an older pyharness built it at -O3) is configured again, since `configure`
     compares the flags, and ninja recompiles what they change."""
+    with check_tree_lock(root):
+        return _build_at(commit, backend, root, cuda_arch)
+
+
+def _build_at(commit: str, backend: str, root: Path, cuda_arch: str) -> Path:
     tree = checkout_tree("check", commit, root, force=True)
     build_dir = paths.build_root(root) / f"check-{backend}"
     log = build_dir / "build.log"
@@ -147,6 +170,11 @@ def compile_cuda_touched(
 ) -> list[str]:
     """Compile the CUDA objects the series touches at `commit` (default: branch patched); returns them."""
     root = root or paths.project_root()
+    with check_tree_lock(root):
+        return _compile_cuda_touched(cuda_arch=cuda_arch, jobs=jobs, root=root, commit=commit)
+
+
+def _compile_cuda_touched(*, cuda_arch: str, jobs: int | None, root: Path, commit: str | None) -> list[str]:
     repo = paths.vendor_dir(root)
     base = require_vendored(repo)
     tip = commit or branch_tip(repo, PATCHED_BRANCH)

@@ -344,7 +344,16 @@ def make_pr(
     root: Path | None = None,
 ) -> Path:
     """Build, check, export and describe the stack; returns the folder holding it."""
+    from pyharness.check import check_tree_lock
+
     root = root or paths.project_root()
+    with check_tree_lock(root):
+        return _make_pr(feature_name, check=check, rebase=rebase, db=db, root=root)
+
+
+def _make_pr(
+    feature_name: str, *, check: bool, rebase: Path | None, db: Path | Sequence[Path] | None, root: Path
+) -> Path:
     feature = load_feature(feature_name, root)
     repo = paths.vendor_dir(root)
     out = paths.build_root(root) / "pr" / feature.name
