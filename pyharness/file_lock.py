@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import fcntl
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# locks this process holds, with their depth: taking one again inside its own block does not wait on itself
-_held: dict[Path, int] = {}
+# locks this thread holds, with their depth: taking one again inside its own block does not wait on itself (other
+# threads open the file anew, and flock keeps them out as it keeps out other processes)
+_local = threading.local()
+
+
+def _held() -> dict[Path, int]:
+    if not hasattr(_local, "held"):
+        _local.held = {}
+    return _local.held
 
 
 @contextmanager
 def file_lock(lock: Path, waiting: str | None = None) -> Iterator[None]:
     """Hold an exclusive flock on `lock` (created with its folder when missing) for the duration of the block.
 
-    Reentrant within a process. With `waiting`, a lock another process holds is reported on stderr before the wait."""
-    key = lock.resolve() if lock.exists() else lock.absolute()
-    if _held.get(key, 0) > 0:
-        _held[key] += 1
+    Reentrant within a thread; exclusive between threads and processes. With `waiting`, a lock held elsewhere is
+    reported on stderr before the wait."""
+    held = _held()
+    key = lock.absolute()
+    if held.get(key, 0) > 0:
+        held[key] += 1
         try:
             yield
         finally:
-            _held[key] -= 1
+            held[key] -= 1
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     with lock.open("a") as fh:
@@ -33,9 +43,9 @@ def file_lock(lock: Path, waiting: str | None = None) -> Iterator[None]:
             if waiting:
                 print(waiting, file=sys.stderr)
             fcntl.flock(fh, fcntl.LOCK_EX)
-        _held[key] = 1
+        held[key] = 1
         try:
             yield
         finally:
-            _held.pop(key, None)
+            held.pop(key, None)
             fcntl.flock(fh, fcntl.LOCK_UN)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,3 +70,28 @@ def test_the_lock_is_released_for_others_after_a_nested_block(tmp_path: Path) ->
     # released: a child takes it at once
     child = hold_in_child(lock, 0.0)
     assert child.wait(timeout=30) == 0
+
+
+def test_threads_of_one_process_exclude_each_other(tmp_path: Path) -> None:
+    lock = tmp_path / ".lock"
+    inside = 0
+    most = 0
+    guard = threading.Lock()
+
+    def work() -> None:
+        nonlocal inside, most
+        for _ in range(20):
+            with file_lock(lock):
+                with guard:
+                    inside += 1
+                    most = max(most, inside)
+                time.sleep(0.002)
+                with guard:
+                    inside -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert most == 1
