@@ -12,6 +12,7 @@ other's rows as they were (issue 8: "two sequences compressed in one batch never
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_paged_kv_cache import probe, run_probe
+from test_paged_kv_cache import run_probe
 
 COMPRESS_PROBE = Path(__file__).resolve().parent / "fixtures" / "paged_compress_probe.py"
 N_HEADS = 30 * 3  # SmolLM2: layers x KV heads
@@ -27,8 +28,25 @@ PAGES_PER_HEAD = 128 // 8
 
 
 @pytest.fixture(scope="module")
-def result() -> dict[str, Any]:
-    return probe(script=COMPRESS_PROBE)
+def probe_run() -> tuple[dict[str, Any], str]:
+    return run_probe(script=COMPRESS_PROBE)
+
+
+@pytest.fixture(scope="module")
+def result(probe_run: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    return probe_run[0]
+
+
+def test_a_compression_gives_every_layer_its_own_positions(probe_run: tuple[dict[str, Any], str]) -> None:
+    # until the tables part, the layers read the first layer's positions (tests/test_paged_kv_memory.py); KV-Compress
+    # parts them, and the rows read afterwards (the tests below) need each layer's own
+    log = probe_run[1]
+    sizes = re.findall(r"llama_kv_cache_paged: size = .*?\(\s*(\d+) pages of (\d+) slots,\s*(\d+) layers", log)
+    parted = re.findall(r"the layers' tables parted: positions for every layer, (\d+) bytes", log)
+    assert sizes and parted, log[-3000:]
+    # the other layers' positions, a float per slot of every page each, as the first layer's
+    expected = {(int(n_layers) - 1) * int(n_pages) * int(page_size) * 4 for n_pages, page_size, n_layers in sizes}
+    assert {int(p) for p in parted} <= expected, (sizes, parted)
 
 
 def test_a_budget_over_the_length_changes_nothing(result: dict[str, Any]) -> None:
