@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import evalkit
 
 from pyharness.models import get_model
+from pyharness.runners.batched import parse_memory
 
+# what parse_memory leaves out of the paged cache's size line: the layers, the K/V types and the positions' shares
 SIZE_LINE = re.compile(
-    r"llama_kv_cache_paged: size =\s*[0-9.]+ MiB \(\s*(\d+) pages of (\d+) slots,\s*(\d+) layers,.*?\), "
-    r"K \((\w+)\):\s*([0-9.]+) MiB, V \((\w+)\):\s*([0-9.]+) MiB, positions: ([0-9.]+) MiB "
+    r"llama_kv_cache_paged: size = .*?(\d+) layers,.*?K \((\w+)\):.*?V \((\w+)\):.*?positions: [0-9.]+ MiB "
     r"\(([0-9.]+)% of K\+V; one layer's until the layers' tables part, then ([0-9.]+)%\)"
 )
 PARTED = "the layers' tables parted"
@@ -51,12 +52,15 @@ def paged_log(cache_type: str) -> str:
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
 def test_one_layers_positions_serve_every_layer_within_the_target(cache_type: str) -> None:
     out = paged_log(cache_type)
+    mem = parse_memory(out)
     m = SIZE_LINE.search(out)
-    assert m, "no paged cache size line with the positions' shares in the log:\n" + out[-3000:]
-    n_pages, page_size, n_layers = int(m[1]), int(m[2]), int(m[3])
-    assert m[4] == m[6] == cache_type
-    k_mib, v_mib, pos_mib = float(m[5]), float(m[7]), float(m[8])
-    share, share_every_layer = float(m[9]), float(m[10])
+    assert mem.cache == "paged" and m, "no paged cache size line with the positions' shares in the log:\n" + out[-3000:]
+    n_layers = int(m[1])
+    assert m[2] == m[3] == cache_type
+    n_pages, page_size = mem.pages, mem.page_size
+    k_mib, v_mib, pos_mib = mem.k_mib, mem.v_mib, mem.positions_mib
+    share, share_every_layer = float(m[4]), float(m[5])
+    assert n_pages and page_size
 
     assert n_layers == 30
     # one layer's positions: a float per slot of every page
