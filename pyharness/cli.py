@@ -149,7 +149,7 @@ def cmd_carry(args: argparse.Namespace) -> int:
 def cmd_fa_perf(args: argparse.Namespace) -> int:
     from pyharness.fa_perf import render
 
-    text = render(Path(args.log), args.candidate)
+    text = render(Path(args.log), args.candidate, args.env)
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
@@ -249,6 +249,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--candidate", default="q8_kv", help="K/V type compared against f16 and q8_0 (default q8_kv)")
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument(
+        "--env",
+        metavar="VAR=VALUE",
+        help="of a gpu-check perf-env.log, only the sections run under this environment (e.g. GGML_CUDA_PDL=0)",
+    )
     p.set_defaults(func=cmd_fa_perf)
 
     for register in extra_commands():

@@ -21,6 +21,7 @@ from pathlib import Path
 from pyharness.errors import HarnessError
 from pyharness.report import md_table
 
+ROUND = re.compile(r"^## round \S+ env (?P<env>\S+) op ", re.M)
 LINE = re.compile(r"FLASH_ATTN_(?P<op>EXT|PAGED)\((?P<params>[^)]*)\):\s+(?P<runs>\d+) runs -\s+(?P<us>[0-9.]+) us/run")
 SHAPE_KEYS = ("hsk", "nr23", "kv", "nb")
 
@@ -79,6 +80,19 @@ def parse(text: str) -> list[FaCase]:
     return cases
 
 
+def select_env(text: str, env: str) -> str:
+    """The sections of a gpu-check perf-env log (`## round R env VAR=VALUE op OP regex ...` headings) run under `env`,
+    every round's, joined: the baseline and the candidate of one environment, from the same rounds."""
+    heads = list(ROUND.finditer(text))
+    if not heads:
+        raise HarnessError("no `## round R env VAR=VALUE` headings: --env needs gpu-check's perf-env.log")
+    found = sorted({h["env"] for h in heads})
+    if env not in found:
+        raise HarnessError(f"no section run under {env!r} in the log (environments found: {', '.join(found)})")
+    ends = [h.start() for h in heads[1:]] + [len(text)]
+    return "".join(text[h.start() : end] for h, end in zip(heads, ends, strict=True) if h["env"] == env)
+
+
 def gqa(nr23: str) -> str:
     return nr23.strip("[]").split(",")[0]
 
@@ -120,7 +134,8 @@ def table(cases: list[FaCase], candidate: str, baselines: tuple[str, ...] = ("f1
     return md_table(headers, body, ["r"] * len(headers))
 
 
-def render(log: Path, candidate: str) -> str:
+def render(log: Path, candidate: str, env: str | None = None) -> str:
     if not log.is_file():
         raise HarnessError(f"{log}: no such file (a test-backend-ops perf log, e.g. gpu-check's int8-kernel-perf.log)")
-    return table(parse(log.read_text(errors="replace")), candidate)
+    text = log.read_text(errors="replace")
+    return table(parse(select_env(text, env) if env else text), candidate)
