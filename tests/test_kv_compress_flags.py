@@ -5,7 +5,8 @@ the full cache's (or the flags did nothing), each method its own; KV-Compress ob
 compression must beat a window of the last 16, the uniform rate and StreamingLLM; a rate below 1, a budget below the
 protected window or an unknown method must fail with a message that says what is wrong. A head cap of 1 (no KV head
 keeps more than the budget) keeps exactly the uniform rate's choice: the same printed perplexity, and not KV-Compress's
-without the cap.
+without the cap. The head norm (each head's metric as shares of its own sum) changes KV-Compress's perplexity and not
+the uniform rate's.
 """
 
 from __future__ import annotations
@@ -93,6 +94,24 @@ def test_a_head_cap_of_one_keeps_what_the_uniform_rate_keeps() -> None:
         estimates[name] = final_estimate(proc)
     assert estimates["kvc, head cap 1"] == estimates["uniform"], estimates
     assert estimates["kvc, head cap 1"] != estimates["kvc"], "the head cap changed nothing"
+
+
+def test_head_norm_changes_kv_compress_and_leaves_the_uniform_rate() -> None:
+    # --kv-compress-head-norm ranks each KV head's metric as shares of its own sum: KV-Compress's choice across heads
+    # changes; the uniform rate ranks within each head, where a common factor changes nothing
+    schedule = ["--kv-compress-rate", "2", "--kv-compress-every", "128"]
+    estimates = {}
+    for name, extra in {
+        "kvc": ["--kv-compress", "kvc"],
+        "kvc, head norm": ["--kv-compress", "kvc", "--kv-compress-head-norm"],
+        "uniform": ["--kv-compress", "uniform"],
+        "uniform, head norm": ["--kv-compress", "uniform", "--kv-compress-head-norm"],
+    }.items():
+        proc = perplexity(*extra, *schedule)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        estimates[name] = final_estimate(proc)
+    assert estimates["kvc, head norm"] != estimates["kvc"], "the head norm changed nothing"
+    assert estimates["uniform, head norm"] == estimates["uniform"], estimates
 
 
 def test_bad_values_fail_with_a_message() -> None:
