@@ -72,18 +72,11 @@ def test_paged_cases_stand_beside_flash_attn_ext_at_the_same_shape() -> None:
     ]
 
 
-def paged_line(us: float) -> str:
-    return (
-        "  FLASH_ATTN_PAGED(hsk=128,hsv=128,nh=8,nr=4,kv=16384,nb=8,n_seq=8,page_size=64,type_KV=f16,uneven=0,sinks=0,"
-        f"max_bias=0.000000,logit_softcap=0.000000,n_swa=0,seq_runs=1,prec_q8=0):   7520 runs -   {us:.2f} us/run - x"
-    )
-
-
 def perf_env_log() -> str:
     parts = []
     for rnd, (a, b) in enumerate([(100.0, 200.0), (110.0, 220.0)], 1):
         for env, us in (("X=1", a), ("X=2", b)):
-            parts += [f"## round {rnd} env {env} op FLASH_ATTN_PAGED regex kv=16384", paged_line(us)]
+            parts += [f"## round {rnd} env {env} op FLASH_ATTN_PAGED regex kv=16384", paged(us, nb=8, n_seq=8)]
             parts += [f"## round {rnd} env {env} op FLASH_ATTN_EXT regex kv=16384", line("f16", 105.0, nr3=8)]
     return "\n".join(parts) + "\n"
 
